@@ -1,0 +1,1 @@
+"""The model: weights, tokenizer, Llama forward pass and attention."""

@@ -1,0 +1,246 @@
+"""The Llama-family decoder in plain PyTorch, top to bottom in the order data flows.
+
+    tokens -> embed_tokens -> N x [RMSNorm -> attention (RoPE, GQA) -> +residual
+                                   RMSNorm -> SwiGLU MLP -> +residual]
+           -> RMSNorm -> lm_head (tied to embed_tokens) -> logits
+
+Tokens are passed flattened: input_ids [N] with their positions [N], so one forward can
+hold the prefill chunks and decode tokens of many sequences (the engine's batches). Where
+keys and values are stored, and which tokens each query may see, is up to the attention
+context passed in (lmstack.model.cache, or the engine's paged cache).
+Parameter names match Hugging Face's LlamaForCausalLM, so HF checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.errors import InputError, ModelLoadError
+from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise InputError(
+            f"dtype {name!r} is not supported; choose one of float32, bfloat16, float16, int8"
+        ) from None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 squares overflow precision), scale in the model dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE, rotate-half form: each pair (x_i, x_{i+d/2}) turns by position * theta^(-2i/d)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [P, d]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x [N, heads, d]; positions [N]
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=False)
+
+    def forward(self, x, positions, rope: RotaryEmbedding, cache) -> torch.Tensor:
+        n = x.shape[0]
+        q = rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), positions)
+        k = rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), positions)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        out = cache.attend(self.layer_idx, q, k, v)  # [N, H, d]
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rope, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta
+        )
+
+    def forward(self, input_ids, positions, cache) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [N, hidden]
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, cache)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.source: Path | None = None
+        self.load_seconds = 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Hidden states [N, hidden] for flattened tokens; the cache stores their K/V."""
+        hidden = self.model(input_ids, positions, cache)
+        cache.finish_step(input_ids.shape[0])
+        return hidden
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, vocab] (sampling and log-probs want full precision)."""
+        return self.lm_head(hidden).float()
+
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path | None = None, dtype: str | torch.dtype = "float32"
+    ) -> LlamaForCausalLM:
+        """Load the bundled model ("bundled"/None), a .gguf file or an HF directory.
+
+        dtype "int8" loads bf16 weights and quantizes the linear layers (lmstack.model.quant).
+        """
+        start = time.perf_counter()
+        quantize = isinstance(dtype, str) and dtype.lower() == "int8"
+        torch_dtype = torch.bfloat16 if quantize else parse_dtype(dtype)
+        model_dir = resolve_model(model)
+        config = load_config(model_dir)
+        state = load_state_dict(model_dir)
+        with torch.device("meta"):
+            net = cls(config)
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        expected = {
+            k
+            for k in net.state_dict()
+            if not k.startswith("lm_head") or not config.tie_word_embeddings
+        }
+        missing = expected - state.keys()
+        if missing:
+            raise ModelLoadError(
+                f"{model_dir}: weights missing {len(missing)} tensors, e.g. {sorted(missing)[0]}"
+            )
+        state = {k: v.to(torch_dtype) for k, v in state.items() if k in expected}
+        try:
+            net.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"{model_dir}: weights do not fit the config ({exc})") from exc
+        if config.tie_word_embeddings:
+            net.lm_head.weight = net.model.embed_tokens.weight
+        # Buffers were created on the meta device; rebuild them for real.
+        net.model.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta
+        )
+        if quantize:
+            from lmstack.model.quant import quantize_int8
+
+            quantize_int8(net)
+        net.eval()
+        net.source = model_dir
+        net.load_seconds = time.perf_counter() - start
+        return net
+
+
+_SHARED: dict[tuple[str, str], tuple[LlamaForCausalLM, object]] = {}
+
+
+def shared_model(model: str | Path | None = None, dtype: str = "float32"):
+    """(model, tokenizer), loaded once per process and shared by every caller.
+
+    CLI commands, apps and the test session all read the same weights; inference never
+    mutates them, so one copy serves all.
+    """
+    from lmstack.model.tokenizer import Tokenizer
+
+    key = (str(model or "bundled"), str(dtype))
+    if key not in _SHARED:
+        net = LlamaForCausalLM.from_pretrained(model, dtype)
+        _SHARED[key] = (net, Tokenizer(net.source))
+    return _SHARED[key]
