@@ -12,6 +12,7 @@ import typer
 
 import lmstack  # noqa: F401  (sets the offline environment before anything else loads)
 from lmstack import explain, textgen
+from lmstack.bench.cli import bench_app
 from lmstack.errors import LmstackError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.command("attention")(explain.attention_command)
 app.command("generate")(textgen.generate_command)
 app.command("chat")(textgen.chat_command)
+app.add_typer(bench_app, name="bench")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,3 +21,11 @@ def default_model() -> str:
 
 def default_dtype() -> str:
     return os.environ.get("LMSTACK_DTYPE", "float32")
+
+
+def shared_data_dir() -> Path:
+    """Development data (../shared/data beside the checkout), or $LMSTACK_SHARED_DATA."""
+    env = os.environ.get("LMSTACK_SHARED_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,0 +1,116 @@
+"""`lmstack bench ...` commands."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+bench_app = typer.Typer(
+    help="Measure speed and memory against a baseline in the same run.", no_args_is_help=True
+)
+
+
+@bench_app.command("offline")
+def offline_command(
+    requests: int = typer.Option(32, "--requests", help="Number of requests"),
+    input_len: int = typer.Option(128, "--input-len", help="Prompt tokens per request"),
+    output_len: str = typer.Option("128", "--output-len", help="N, or A:B drawn uniformly"),
+    seed: int = typer.Option(0, "--seed"),
+    baseline: str = typer.Option("hf", "--baseline", help="hf, hf-bf16, hf-batch or none"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Engine dtype: float32, bfloat16, int8"),
+    max_num_seqs: int = typer.Option(32, "--max-num-seqs"),
+    max_num_batched_tokens: int = typer.Option(1024, "--max-num-batched-tokens"),
+    kv_cache_gb: float | None = typer.Option(None, "--kv-cache-gb"),
+    model: str = typer.Option("bundled", "--model"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """N random-prompt requests through the engine and through the baseline."""
+    from lmstack.bench.offline import bench_offline
+
+    options = {
+        "model": model,
+        "dtype": dtype,
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+    }
+    if kv_cache_gb is not None:
+        options["kv_cache_gb"] = kv_cache_gb
+    result = bench_offline(requests, input_len, output_len, seed, baseline, options)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    w = result["workload"]
+    table = Table(
+        title=f"offline: {w['requests']} requests, {w['input_len']} prompt tokens, "
+        f"output {w['output_len']} ({w['output_tokens']} tokens)"
+    )
+    for col in ("run", "output tok/s", "wall s", "peak RSS GB", "speedup"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    eng = result["engine"]
+    table.add_row(
+        f"lmstack engine ({eng['dtype']})",
+        f"{eng['output_tokens_per_s']:.1f}",
+        f"{eng['wall_s']:.2f}",
+        f"{eng['peak_rss_gb']:.2f}",
+        "",
+    )
+    if "baseline" in result:
+        base = result["baseline"]
+        table.add_row(
+            f"baseline {base['name']}",
+            f"{base['output_tokens_per_s']:.1f}",
+            f"{base['wall_s']:.2f}",
+            f"{base['peak_rss_gb']:.2f}",
+            f"{result['speedup']:.2f}x",
+        )
+    Console().print(table)
+
+
+@bench_app.command("precision")
+def precision_command(
+    text: str | None = typer.Option(
+        None, "--text", help="File or folder of .md (default: NIST report)"
+    ),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens of the text to score"),
+    window: int = typer.Option(1024, "--window", help="Tokens per perplexity window"),
+    dtypes: str = typer.Option("float32,bfloat16,int8", "--dtypes"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Weights memory, single-stream decode speed and perplexity per dtype, vs fp32."""
+    from pathlib import Path
+
+    from lmstack.bench.precision import bench_precision
+    from lmstack.config import shared_data_dir
+
+    path = Path(text) if text else shared_data_dir() / "nist-sp800-63-3"
+    result = bench_precision(path, max_tokens, window, [d.strip() for d in dtypes.split(",")])
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"precision: perplexity on {result['tokens']} tokens of {path.name}")
+    for col in (
+        "dtype",
+        "weights GB",
+        "decode tok/s",
+        "perplexity",
+        "ppl vs fp32",
+        "speed vs fp32",
+    ):
+        table.add_column(col, justify="left" if col == "dtype" else "right")
+    for name, row in result["dtypes"].items():
+        table.add_row(
+            name,
+            f"{row['weights_gb']:.3f}",
+            f"{row['decode_tokens_per_s']:.1f}",
+            f"{row['perplexity']:.3f}",
+            str(row.get("perplexity_vs_fp32", "")),
+            str(row.get("speed_vs_fp32", "")),
+        )
+    Console().print(table)

@@ -1,0 +1,175 @@
+"""Runs one scheduled batch through the model over the paged KV cache.
+
+The KV cache is a pool of fixed-size blocks per layer: k/v [layers, kv_heads, blocks,
+block_size, head_dim]. Heads come before blocks so that gathering a sequence's blocks gives
+keys already laid out [kv_heads, tokens, head_dim] for the matmuls, with no transpose copy.
+A sequence's tokens live in the blocks of its block table, so memory is claimed block by
+block as it grows, freed the moment it finishes, and shared between sequences with a common
+prefix.
+
+A step's tokens (decode tokens of running sequences and prefill chunks of new ones) are
+flattened into one forward pass so every linear layer runs once on the whole batch; only
+attention looks at sequences separately: all decode tokens together (keys gathered from
+their blocks, padded, masked), each prefill chunk on its own with a causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmstack.engine.kv_cache import BlockManager
+from lmstack.engine.scheduler import ScheduledSeq
+from lmstack.engine.sequence import Sequence
+from lmstack.model.attention import sdpa
+from lmstack.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class _Prefill:
+    start: int  # first row of this chunk in the flattened batch
+    length: int  # tokens in the chunk
+    block_table: torch.Tensor  # [blocks] long
+    context: int  # tokens visible after this chunk (cached + chunk)
+
+
+class PagedAttention:
+    """Attention context for one step (see lmstack.model.cache for the interface)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        slots: torch.Tensor,
+        decode_rows: torch.Tensor,
+        decode_tables: torch.Tensor | None,
+        decode_mask: torch.Tensor | None,
+        prefills: list[_Prefill],
+    ):
+        self.runner = runner
+        self.slots = slots
+        self.decode_rows = decode_rows
+        self.decode_tables = decode_tables
+        self.decode_mask = decode_mask
+        self.prefills = prefills
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        runner = self.runner
+        k_pool, v_pool = runner.k_cache[layer], runner.v_cache[layer]
+        kv_heads, _, _, dim = k_pool.shape
+        # Store this step's keys/values in their slots before anyone reads them.
+        k_pool.view(kv_heads, -1, dim).index_copy_(1, self.slots, k.transpose(0, 1))
+        v_pool.view(kv_heads, -1, dim).index_copy_(1, self.slots, v.transpose(0, 1))
+        out = torch.empty_like(q)
+        if self.decode_tables is not None:
+            out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool)
+        for p in self.prefills:
+            keys = k_pool.index_select(1, p.block_table).flatten(1, 2)[:, : p.context]
+            values = v_pool.index_select(1, p.block_table).flatten(1, 2)[:, : p.context]
+            rows = slice(p.start, p.start + p.length)
+            out[rows] = sdpa(q[rows].transpose(0, 1), keys, values, causal=True).transpose(0, 1)
+        return out
+
+    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor):
+        # q [B, H, d]. Every sequence's blocks are gathered into [kv_heads, B, S, d] (padded;
+        # the additive mask hides the padding). Query heads are grouped under the key/value
+        # head they share, so GQA needs no K/V copies: explicit batched matmuls here run ~10x
+        # faster than torch's SDPA with enable_gqa and a mask for single-token queries.
+        batch, heads, dim = q.shape
+        kv_heads = k_pool.shape[0]
+        # index_select is ~3x faster than advanced indexing for this gather on CPU.
+        flat = self.decode_tables.view(-1)
+        keys = k_pool.index_select(1, flat).view(kv_heads, batch, -1, dim)  # [KVH, B, S, d]
+        values = v_pool.index_select(1, flat).view(kv_heads, batch, -1, dim)
+        grouped = (q * dim**-0.5).view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)
+        scores = (grouped @ keys.transpose(-1, -2)).float()  # [KVH, B, G, S]
+        weights = torch.softmax(scores + self.decode_mask, dim=-1).to(values.dtype)
+        return (weights @ values).transpose(0, 1).reshape(batch, heads, dim)
+
+    def finish_step(self, num_tokens: int) -> None:
+        pass
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        shape = (
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            num_blocks,
+            block_size,
+            cfg.head_dim,
+        )
+        self.k_cache = torch.zeros(shape, dtype=model.dtype)
+        self.v_cache = torch.zeros(shape, dtype=model.dtype)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    @staticmethod
+    def bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:
+        cfg = model.config
+        elem = torch.empty((), dtype=model.dtype).element_size()
+        return (
+            2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self, batch: list[ScheduledSeq], blocks: BlockManager
+    ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run the batch; return fp32 logits [M, V] for the M sequences ready to sample."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_seqs: list[Sequence] = []
+        prefills: list[_Prefill] = []
+        sample_rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for item in batch:
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed_tokens
+            row = len(tokens)
+            tokens.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(blocks.slot_mapping(seq, start, start + n))
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_seqs.append(seq)
+            else:
+                table = torch.tensor(seq.block_table, dtype=torch.long)
+                prefills.append(_Prefill(row, n, table, start + n))
+            if start + n == len(seq):
+                sample_rows.append(row + n - 1)
+                sample_seqs.append(seq)
+
+        decode_tables = decode_mask = None
+        if decode_seqs:
+            width = max(len(s.block_table) for s in decode_seqs)
+            decode_tables = torch.zeros(len(decode_seqs), width, dtype=torch.long)
+            lengths = torch.empty(len(decode_seqs), dtype=torch.long)
+            for i, s in enumerate(decode_seqs):
+                decode_tables[i, : len(s.block_table)] = torch.tensor(s.block_table)
+                lengths[i] = s.num_computed_tokens + 1
+            key_pos = torch.arange(width * self.block_size)
+            hidden = key_pos[None, :] >= lengths[:, None]
+            decode_mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
+            decode_mask = decode_mask[:, None, :]  # additive, [B, 1, S] (per KV head)
+
+        ctx = PagedAttention(
+            self,
+            torch.tensor(slots, dtype=torch.long),
+            torch.tensor(decode_rows, dtype=torch.long),
+            decode_tables,
+            decode_mask,
+            prefills,
+        )
+        hidden = self.model(torch.tensor(tokens), torch.tensor(positions), ctx)
+        if not sample_rows:
+            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32), []
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        return logits, sample_seqs

@@ -1,0 +1,131 @@
+"""SamplingParams: how one request is decoded. Validated before it reaches the step loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmstack.errors import InputError
+
+
+@dataclass
+class StructuredOutput:
+    """At most one constraint: a JSON schema, any JSON object, a regex, or a fixed choice."""
+
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    def kind(self) -> str:
+        given = [
+            name
+            for name, value in (
+                ("json_schema", self.json_schema),
+                ("json_object", self.json_object or None),
+                ("regex", self.regex),
+                ("choice", self.choice),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise InputError(
+                f"structured output needs exactly one of json_schema, json_object, regex, "
+                f"choice; got {given or 'none'}"
+            )
+        return given[0]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output
+    frequency_penalty: float = 0.0  # subtracts count * penalty from output tokens' logits
+    presence_penalty: float = 0.0  # subtracts penalty once from every output token seen
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; N >= 0: chosen token's logprob + top-N
+    structured: StructuredOutput | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    extra: dict = field(default_factory=dict)
+
+    MAX_LOGPROBS = 20
+
+    def validate(self, max_model_len: int | None = None, vocab_size: int | None = None) -> None:
+        """Raise InputError naming the value and the limit for anything out of range."""
+
+        def number(name, value, kind=(int, float)):
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise InputError(f"{name} must be a number, got {value!r}")
+
+        number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        number("top_k", self.top_k, int)
+        if self.top_k < -1:
+            raise InputError(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}")
+        number("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
+        number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            number(name, value)
+            if not -2 <= value <= 2:
+                raise InputError(f"{name} must be in [-2, 2], got {value}")
+        number("max_tokens", self.max_tokens, int)
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if max_model_len is not None and self.max_tokens > max_model_len:
+            raise InputError(
+                f"max_tokens {self.max_tokens} exceeds the context window of {max_model_len}"
+            )
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                self.stop = [self.stop]
+            if not isinstance(self.stop, list) or not all(
+                isinstance(s, str) and s for s in self.stop
+            ):
+                raise InputError(
+                    f"stop must be a string or a list of non-empty strings, got {self.stop!r}"
+                )
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
+            ):
+                raise InputError(
+                    f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}"
+                )
+            if vocab_size is not None:
+                bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise InputError(
+                        f"stop_token_ids {bad} outside the vocabulary [0, {vocab_size})"
+                    )
+        if self.logprobs is not None:
+            number("logprobs", self.logprobs, int)
+            if not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+                raise InputError(
+                    f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
+                )
+        if self.structured is not None:
+            self.structured.kind()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
