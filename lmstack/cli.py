@@ -14,6 +14,7 @@ import lmstack  # noqa: F401  (sets the offline environment before anything else
 from lmstack import explain, textgen
 from lmstack.bench.cli import bench_app
 from lmstack.errors import LmstackError
+from lmstack.plan_cli import plan_app
 
 app = typer.Typer(
     name="lmstack",
@@ -27,6 +28,7 @@ app.command("attention")(explain.attention_command)
 app.command("generate")(textgen.generate_command)
 app.command("chat")(textgen.chat_command)
 app.add_typer(bench_app, name="bench")
+app.add_typer(plan_app, name="plan")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,8 @@ Tokens are passed flattened: input_ids [N] with their positions [N], so one forw
 hold the prefill chunks and decode tokens of many sequences (the engine's batches). Where
 keys and values are stored, and which tokens each query may see, is up to the attention
 context passed in (lmstack.model.cache, or the engine's paged cache).
-Parameter names match Hugging Face's LlamaForCausalLM, so HF checkpoints load unchanged.
+Parameter names follow Hugging Face's LlamaForCausalLM, except that q/k/v and gate/up are
+fused at load time (fuse_hf_state_dict), so HF checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -85,31 +86,49 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=False)
+        # Q, K and V as one matmul: on a CPU each call has a fixed cost that dominates
+        # small decode batches (HF's q_proj/k_proj/v_proj are concatenated at load time).
+        self.qkv_proj = nn.Linear(hidden, (self.num_heads + 2 * self.num_kv_heads) * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=False)
 
     def forward(self, x, positions, rope: RotaryEmbedding, cache) -> torch.Tensor:
-        n = x.shape[0]
-        q = rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), positions)
-        k = rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), positions)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        n, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1
+        )
+        q = rope(q.view(n, self.num_heads, d), positions)
+        k = rope(k.view(n, self.num_kv_heads, d), positions)
+        v = v.reshape(n, self.num_kv_heads, d)
         out = cache.attend(self.layer_idx, q, k, v)  # [N, H, d]
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(n, self.num_heads * d))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_hf_state_dict(state: dict, num_layers: int) -> dict:
+    """HF's separate q/k/v and gate/up weights -> this model's fused qkv_proj/gate_up_proj."""
+    for i in range(num_layers):
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        if attn + "q_proj.weight" in state:
+            state[attn + "qkv_proj.weight"] = torch.cat(
+                [state.pop(attn + f"{n}_proj.weight") for n in "qkv"], dim=0
+            )
+        if mlp + "gate_proj.weight" in state:
+            state[mlp + "gate_up_proj.weight"] = torch.cat(
+                [state.pop(mlp + "gate_proj.weight"), state.pop(mlp + "up_proj.weight")], dim=0
+            )
+    return state
 
 
 class DecoderLayer(nn.Module):
@@ -192,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
         torch_dtype = torch.bfloat16 if quantize else parse_dtype(dtype)
         model_dir = resolve_model(model)
         config = load_config(model_dir)
-        state = load_state_dict(model_dir)
+        state = fuse_hf_state_dict(load_state_dict(model_dir), config.num_hidden_layers)
         with torch.device("meta"):
             net = cls(config)
         if config.tie_word_embeddings:
