@@ -332,3 +332,27 @@ def test_structured_output_always_validates():
     for (_, params, _), out in zip(requests, outs.values()):
         assert out.finish_reason == "stop", (out.finish_reason, out.text, out.error)
         jsonschema.validate(json.loads(out.text), params.structured.json_schema)
+
+
+def test_bad_request_mid_flight_does_not_disturb_the_batch(engine, alone):
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:4]]
+    engine.step()
+    with pytest.raises(InputError, match="top_p"):
+        engine.add_request("hello", SamplingParams(top_p=0))
+    with pytest.raises(InputError, match="prompt token ids"):
+        engine.add_request([1, -5, 3], GREEDY)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [done[i].token_ids for i in ids] == alone[:4]
+
+
+def test_offline_llm_generate_keeps_prompt_order(model, alone):
+    from lmstack import LLM
+    from lmstack import SamplingParams as ExportedParams
+
+    assert ExportedParams is SamplingParams
+    llm = LLM("bundled", dtype="float32", num_kv_tokens=4096)
+    outs = llm.generate(PROMPTS[:5], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == alone[:5]
+    assert all(o.finished and o.text for o in outs)

@@ -1,0 +1,80 @@
+"""`lmstack bench` runs end to end at tiny sizes (the real figures come from full runs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmstack.bench.offline import make_workload, parse_output_len
+from lmstack.cli import main
+from lmstack.errors import InputError
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_workload_is_reproducible_and_sized(model):
+    _, tok = model
+    a = make_workload(tok, 4, 16, "8:12", seed=3)
+    b = make_workload(tok, 4, 16, "8:12", seed=3)
+    assert a == b
+    assert all(len(p) == 16 for p in a.prompts)
+    assert all(8 <= n <= 12 for n in a.output_lens)
+    assert not set().union(*map(set, a.prompts)) & tok.special_token_ids
+
+
+@pytest.mark.parametrize("spec", ["0", "5:3", "x", "1:y"])
+def test_bad_output_len(spec):
+    with pytest.raises(InputError, match="output-len"):
+        parse_output_len(spec)
+
+
+@pytest.mark.slow
+def test_bench_offline_json_against_hf(model, capsys):
+    args = ["bench", "offline", "--requests", "2", "--input-len", "8", "--output-len", "4:6"]
+    code, out, _ = run_cli(
+        [*args, "--baseline", "hf-batch", "--dtype", "float32", "--json"], capsys
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["engine"]["output_tokens"] == result["baseline"]["output_tokens"]
+    assert result["engine"]["output_tokens_per_s"] > 0 and result["speedup"] > 0
+    assert result["engine"]["peak_kv_usage"] <= 1.0
+
+
+def test_bench_offline_rejects_unknown_baseline(model, capsys):
+    code, _, err = run_cli(["bench", "offline", "--requests", "1", "--baseline", "vllm"], capsys)
+    assert code == 2 and "--baseline 'vllm'" in err
+
+
+@pytest.mark.slow
+def test_bench_precision_reports_each_dtype(model, capsys, tmp_path):
+    text = tmp_path / "doc.md"
+    text.write_text("Digital identity is the unique representation of a subject. " * 40)
+    code, out, _ = run_cli(
+        [
+            "bench",
+            "precision",
+            "--text",
+            str(text),
+            "--max-tokens",
+            "256",
+            "--window",
+            "128",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0
+    rows = json.loads(out)["dtypes"]
+    assert set(rows) == {"float32", "bfloat16", "int8"}
+    assert (
+        rows["int8"]["weights_gb"] < rows["bfloat16"]["weights_gb"] < rows["float32"]["weights_gb"]
+    )
+    # Quantization may cost a little quality, never a lot.
+    assert rows["int8"]["perplexity_vs_fp32"] < 1.1 and rows["bfloat16"]["perplexity_vs_fp32"] < 1.1
