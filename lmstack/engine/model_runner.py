@@ -60,6 +60,8 @@ class PagedAttention:
         # Store this step's keys/values in their slots before anyone reads them.
         k_pool.view(kv_heads, -1, dim).index_copy_(1, self.slots, k.transpose(0, 1))
         v_pool.view(kv_heads, -1, dim).index_copy_(1, self.slots, v.transpose(0, 1))
+        if not self.prefills:  # decode-only step: rows are already in batch order
+            return self._decode(q, k_pool, v_pool)
         out = torch.empty_like(q)
         if self.decode_tables is not None:
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool)

@@ -69,13 +69,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x [N, heads, d]; positions [N]
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin) for these positions, [N, 1, d]: computed once per forward pass and
+        shared by all layers (per-layer lookups are pure overhead in small decode steps)."""
+        return (
+            self.cos[positions].unsqueeze(1).to(dtype),
+            self.sin[positions].unsqueeze(1).to(dtype),
+        )
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [N, heads, d] rotated by its positions' angles."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -91,13 +99,13 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(hidden, (self.num_heads + 2 * self.num_kv_heads) * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=False)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, cache) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1
         )
-        q = rope(q.view(n, self.num_heads, d), positions)
-        k = rope(k.view(n, self.num_kv_heads, d), positions)
+        q = apply_rotary(q.view(n, self.num_heads, d), rope)
+        k = apply_rotary(k.view(n, self.num_kv_heads, d), rope)
         v = v.reshape(n, self.num_kv_heads, d)
         out = cache.attend(self.layer_idx, q, k, v)  # [N, H, d]
         return self.o_proj(out.reshape(n, self.num_heads * d))
@@ -139,8 +147,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rope, cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+    def forward(self, x, rope, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,8 +166,9 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, cache) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [N, hidden]
+        rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, cache)
+            x = layer(x, rope, cache)
         return self.norm(x)
 
 
