@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/lmstack chat
+	$(VENV)/bin/lmstack serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmstack tests

@@ -15,6 +15,7 @@ from lmstack import explain, textgen
 from lmstack.bench.cli import bench_app
 from lmstack.errors import LmstackError
 from lmstack.plan_cli import plan_app
+from lmstack.server.cli import serve_command
 
 app = typer.Typer(
     name="lmstack",
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.command("attention")(explain.attention_command)
 app.command("generate")(textgen.generate_command)
 app.command("chat")(textgen.chat_command)
+app.command("serve")(serve_command)
 app.add_typer(bench_app, name="bench")
 app.add_typer(plan_app, name="plan")
 

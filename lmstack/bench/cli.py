@@ -114,3 +114,83 @@ def precision_command(
             str(row.get("speed_vs_fp32", "")),
         )
     Console().print(table)
+
+
+@bench_app.command("serve")
+def serve_command(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="OpenAI-compatible server"),
+    model: str | None = typer.Option(None, "--model", help="Model name (default: the first)"),
+    num_prompts: int = typer.Option(100, "--num-prompts", help="Requests to send"),
+    concurrency: int | None = typer.Option(None, "--concurrency", help="Closed loop: users"),
+    request_rate: float | None = typer.Option(None, "--request-rate", help="Open loop: req/s"),
+    burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape; 1 = Poisson"),
+    dataset: str = typer.Option("random", "--dataset", help="random, a .jsonl, or a text file"),
+    input_len: int = typer.Option(128, "--input-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    seed: int = typer.Option(0, "--seed"),
+    slo_ttft: float | None = typer.Option(None, "--slo-ttft", help="Goodput SLO, seconds"),
+    slo_tpot: float | None = typer.Option(None, "--slo-tpot", help="Goodput SLO, seconds"),
+    slo_e2e: float | None = typer.Option(None, "--slo-e2e", help="Goodput SLO, seconds"),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
+    json_out: str | None = typer.Option(None, "--json", help="Write the summary to this file"),
+    plot: str | None = typer.Option(None, "--plot", help="PNG prefix for CDFs and throughput"),
+) -> None:
+    """Stream requests to a server and report TTFT, TPOT, ITL, latency and goodput."""
+    import asyncio
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lmstack.bench import serve
+    from lmstack.bench.loadgen import run_load
+    from lmstack.errors import InputError
+    from lmstack.model.tokenizer import Tokenizer
+    from lmstack.model.weights import resolve_model
+
+    if concurrency is not None and request_rate is not None:
+        raise InputError("give --concurrency (closed loop) or --request-rate (open loop), not both")
+    if num_prompts < 1:
+        raise InputError(f"--num-prompts must be >= 1, got {num_prompts}")
+    path = Path(dataset)
+    if dataset == "random" or path.suffix == ".jsonl":
+        tokenizer = Tokenizer(resolve_model("bundled")) if dataset == "random" else None
+        specs = (
+            serve.random_dataset(tokenizer, num_prompts, input_len, output_len, seed)
+            if tokenizer
+            else serve.jsonl_dataset(path, num_prompts, output_len)
+        )
+    else:
+        specs = serve.text_chunks_dataset(
+            path, Tokenizer(resolve_model("bundled")), num_prompts, input_len, output_len
+        )
+    results, wall = asyncio.run(
+        run_load(
+            url,
+            specs,
+            model=model,
+            concurrency=concurrency if request_rate is None else None,
+            request_rate=request_rate,
+            burstiness=burstiness,
+            seed=seed,
+            api_key=api_key,
+        )
+    )
+    summary = serve.summarize(results, wall, slo_ttft, slo_tpot, slo_e2e)
+    console = Console()
+    mode = (
+        f"{request_rate} req/s (burstiness {burstiness})"
+        if request_rate
+        else f"{concurrency or 1} concurrent users"
+    )
+    console.print(serve.render_table(summary, f"{url}: {len(results)} requests, {mode}"))
+    console.print(
+        f"completed {summary['completed']}/{summary['requests']}, errors {summary['errors'] or 0}, "
+        f"{summary['request_throughput']:.2f} req/s, {summary['output_tokens_per_s']:.1f} output "
+        f"tokens/s, P99/P50 e2e {summary['p99_p50_e2e'] or 0:.2f}, goodput "
+        f"{summary['goodput']['requests_per_s']:.2f} req/s ({summary['goodput']['fraction']:.0%})"
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(summary, indent=2))
+    if plot:
+        for png in serve.write_plots(results, wall, Path(plot)):
+            console.print(f"wrote {png}")

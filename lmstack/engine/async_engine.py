@@ -1,20 +1,26 @@
 """AsyncLLMEngine: the step loop in a background thread, results streamed to asyncio.
 
 Callers (the HTTP server) run on an asyncio loop; the engine's step is synchronous torch
-work. One thread owns the engine and steps while there is work; requests and aborts cross
-over under a lock, outputs come back through each request's asyncio.Queue.
+work. One thread owns the engine and is the only one that touches its scheduler. Callers
+never wait for a step: a new request is validated and tokenized (and its grammar compiled)
+on the caller's side, then dropped in an inbox; aborts go to an inbox too; the step thread
+drains both before each step. Outputs come back through each request's asyncio.Queue, and
+stats are a snapshot the step thread publishes after every step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 from lmstack.engine.config import EngineConfig
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.outputs import RequestOutput
 from lmstack.engine.sampling_params import SamplingParams
+from lmstack.engine.scheduler import QueueFullError
+from lmstack.engine.sequence import FinishReason, Sequence
 
 
 class AsyncLLMEngine:
@@ -22,10 +28,14 @@ class AsyncLLMEngine:
         self, config: EngineConfig | None = None, engine: LLMEngine | None = None, **overrides
     ):
         self.engine = engine or LLMEngine(config, **overrides)
-        self._lock = threading.Lock()
+        self._inbox_lock = threading.Lock()
+        self._new: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
+        self._stats = self.engine.stats()
+        self.num_rejected = 0
         self.step_error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="lmstack-engine", daemon=True)
         self._thread.start()
@@ -34,27 +44,58 @@ class AsyncLLMEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------ step thread
+
     def _loop(self) -> None:
         while not self._stopping:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
-                if busy:
-                    try:
-                        outputs = self.engine.step()
-                    except Exception as exc:  # fail the in-flight requests, keep serving
-                        self.step_error = f"{type(exc).__name__}: {exc}"
-                        outputs = self._fail_all(self.step_error)
-            if not busy:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+            outputs = self._drain_inbox()
+            if self.engine.has_unfinished_requests():
+                try:
+                    outputs += self.engine.step()
+                except Exception as exc:  # fail the in-flight requests, keep serving
+                    self.step_error = f"{type(exc).__name__}: {exc}"
+                    outputs += self._fail_all(self.step_error)
+                self._publish_stats()
+                self._deliver(outputs)
                 continue
-            for out in outputs:
-                target = self._queues.get(out.request_id)
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
-                if out.finished:
-                    self._queues.pop(out.request_id, None)
+            self._publish_stats()
+            self._deliver(outputs)
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._inbox_lock:
+            new, self._new = list(self._new), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        refused = []
+        for seq in new:
+            try:
+                self.engine.add_sequence(seq)
+            except QueueFullError as exc:  # lost a race with other producers
+                seq.state["error"] = str(exc)
+                seq.finish(FinishReason.ABORT)
+                refused.append(self.engine.output(seq))
+        for request_id in aborts:
+            self.engine.abort(request_id)
+        return refused
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.stats()
+        stats["num_rejected"] = stats.get("num_rejected", 0) + self.num_rejected
+        self._stats = stats
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._queues.get(out.request_id)
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            if out.finished:
+                self._queues.pop(out.request_id, None)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         """A step raised: end every in-flight request with the error instead of hanging."""
@@ -67,6 +108,8 @@ class AsyncLLMEngine:
         self.engine.step_aborted_cleanup()
         return outputs
 
+    # ------------------------------------------------------------ caller side
+
     def add_request(
         self,
         prompt,
@@ -75,25 +118,26 @@ class AsyncLLMEngine:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> tuple[str, asyncio.Queue]:
-        """Queue a request from a coroutine; returns its id and the queue of its outputs."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            request_id = self.engine.add_request(prompt, params, priority, timeout, request_id)
-            self._queues[request_id] = (loop, queue)
-        self._wake.set()
-        return request_id, queue
+        """Queue a request from a coroutine; returns its id and the queue of its outputs.
 
-    async def generate(
-        self,
-        prompt,
-        params: SamplingParams | None = None,
-        priority: int = 0,
-        timeout: float | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts the request."""
-        request_id, queue = self.add_request(prompt, params, priority, timeout, request_id)
+        Raises InputError for bad input and QueueFullError when the waiting queue is full,
+        synchronously, so a server can answer 400/429 before it starts a stream.
+        """
+        loop = asyncio.get_running_loop()
+        seq = self.engine.make_sequence(prompt, params, priority, timeout, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        bound = self.engine.scheduler.config.max_waiting
+        with self._inbox_lock:
+            if self._stats["num_waiting"] + len(self._new) >= bound:
+                self.num_rejected += 1
+                raise QueueFullError(bound)
+            self._queues[seq.request_id] = (loop, queue)
+            self._new.append(seq)
+        self._wake.set()
+        return seq.request_id, queue
+
+    async def stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Outputs of an added request; closing the iterator early aborts the request."""
         finished = False
         try:
             while not finished:
@@ -104,16 +148,31 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def generate(
+        self,
+        prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        request_id, queue = self.add_request(prompt, params, priority, timeout, request_id)
+        async for out in self.stream(request_id, queue):
+            yield out
+
     def abort(self, request_id: str) -> bool:
-        with self._lock:
-            self._queues.pop(request_id, None)
-            aborted = self.engine.abort(request_id)
+        """Abort a request; True when it was still in flight."""
+        with self._inbox_lock:
+            known = self._queues.pop(request_id, None) is not None
+            self._aborts.append(request_id)
         self._wake.set()
-        return aborted
+        return known
 
     def stats(self) -> dict:
-        with self._lock:
-            return self.engine.stats()
+        """The latest snapshot (never waits for a step)."""
+        stats = dict(self._stats)
+        stats["num_waiting"] += len(self._new)
+        return stats
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -88,6 +88,26 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; raises InputError (bad input) or QueueFullError (queue bound)."""
+        seq = self.make_sequence(prompt, params, priority, timeout, request_id)
+        self.add_sequence(seq)
+        return seq.request_id
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + output) one request can hold: window and KV pool."""
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        return min(self.max_model_len, capacity)
+
+    def make_sequence(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Sequence:
+        """Validate, tokenize and compile a request's grammar without touching the scheduler,
+        so callers on other threads can do this work while a step runs."""
         params = params or SamplingParams()
         params.validate(self.max_model_len, self.model.config.vocab_size)
         if isinstance(prompt, str):
@@ -136,8 +156,10 @@ class LLMEngine:
         seq.state["sent_logprobs"] = 0
         if matcher is not None:
             seq.state["matcher"] = matcher
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
-        return request_id
 
     def abort(self, request_id: str) -> bool:
         seq = self.scheduler.abort(request_id)
@@ -159,13 +181,17 @@ class LLMEngine:
         finished: list[Sequence] = list(sched.finished) + self._aborted
         self._aborted.clear()
         touched: list[Sequence] = []
+        now = time.monotonic()
+        for item in sched.scheduled:
+            if item.seq.first_scheduled_time is None:
+                item.seq.first_scheduled_time = now
         if sched.scheduled:
             logits, ready = self.runner.execute(sched.scheduled, self.block_manager)
             self.scheduler.after_step(sched)
             if ready:
                 touched = self._sample(logits, ready)
-        outputs = [self._output(seq) for seq in touched]
-        outputs += [self._output(seq) for seq in finished if seq not in touched]
+        outputs = [self.output(seq) for seq in touched]
+        outputs += [self.output(seq) for seq in finished if seq not in touched]
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sequence]:
@@ -232,7 +258,8 @@ class LLMEngine:
         seq.state["stop_string_hit"] = True
         return True
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def output(self, seq: Sequence) -> RequestOutput:
+        """The request's new tokens and text since its last output (advances the cursor)."""
         state = seq.state
         finished = seq.is_finished
         if finished and not state.get("flushed"):
@@ -264,6 +291,7 @@ class LLMEngine:
             new_logprobs=new_logprobs,
             num_cached_tokens=seq.num_cached_tokens,
             arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time,
             finish_time=seq.finish_time,
             error=state.get("error"),

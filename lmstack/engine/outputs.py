@@ -25,6 +25,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     arrival_time: float = 0.0  # time.monotonic() values
+    first_scheduled_time: float | None = None  # left the waiting queue (queue time ends)
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None

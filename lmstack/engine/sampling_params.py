@@ -95,6 +95,8 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InputError(f"seed {self.seed} is outside the 64-bit range [-2^63, 2^64)")
         if self.stop is not None:
             if isinstance(self.stop, str):
                 self.stop = [self.stop]

@@ -1,0 +1,173 @@
+"""Load generator for any OpenAI-compatible server (lmstack serve, vLLM, llama.cpp).
+
+Each request streams from /v1/completions and records, on the client's clock:
+TTFT (request sent -> first token), ITL (gaps between tokens), TPOT ((e2e - TTFT) / (n - 1))
+and end-to-end latency. Arrivals are open-loop (Poisson, or gamma with a burstiness factor:
+the server cannot slow the arrivals down, as real users do not wait for each other) or
+closed-loop (a fixed number of users, each sending the next request when the last ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+from lmstack.errors import InputError
+
+
+@dataclass
+class RequestSpec:
+    prompt: str
+    max_tokens: int
+    prompt_tokens: int | None = None
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    start: float  # perf_counter seconds, relative to the run start
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None  # kind: http_429, http_400, timeout, connection, ...
+    token_times: list[float] = field(default_factory=list)  # relative to run start
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.e2e is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
+    """Inter-arrival times: gamma(shape=burstiness, scale=1/(rate*burstiness)).
+
+    burstiness 1 is a Poisson process; below 1 is burstier, above 1 more regular. The mean
+    gap is 1/rate either way.
+    """
+    if rate <= 0:
+        raise InputError(f"--request-rate must be > 0, got {rate}")
+    if burstiness <= 0:
+        raise InputError(f"--burstiness must be > 0, got {burstiness}")
+    rng = random.Random(seed)
+    return [rng.gammavariate(burstiness, 1.0 / (rate * burstiness)) for _ in range(n)]
+
+
+async def _one_request(
+    client, url: str, model: str, spec: RequestSpec, run_start: float, headers: dict, timeout: float
+) -> RequestResult:
+    import httpx
+
+    body = {
+        "model": model,
+        "prompt": spec.prompt,
+        "max_tokens": spec.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    result = RequestResult(ok=False, start=start - run_start)
+    last = start
+    try:
+        async with client.stream(
+            "POST", f"{url}/v1/completions", json=body, headers=headers, timeout=timeout
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = f"http_{response.status_code}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if chunk.get("error"):
+                    result.error = "stream_error"
+                    return result
+                usage = chunk.get("usage")
+                if usage:
+                    result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    result.output_tokens = usage.get("completion_tokens", result.output_tokens)
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    now = time.perf_counter()
+                    if result.ttft is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    result.token_times.append(now - run_start)
+                    last = now
+                    if not usage:
+                        result.output_tokens += 1
+                    finish = choices[0].get("finish_reason")
+                    if finish == "timeout":
+                        result.error = "timeout"
+        result.e2e = time.perf_counter() - start
+        result.ok = result.error is None and result.ttft is not None
+        if result.ttft is None and result.error is None:
+            result.error = "no_tokens"
+    except httpx.TimeoutException:
+        result.error = "client_timeout"
+    except httpx.HTTPError as exc:
+        result.error = f"connection:{type(exc).__name__}"
+    return result
+
+
+async def run_load(
+    url: str,
+    specs: list[RequestSpec],
+    *,
+    model: str | None = None,
+    concurrency: int | None = None,
+    request_rate: float | None = None,
+    burstiness: float = 1.0,
+    seed: int = 0,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> tuple[list[RequestResult], float]:
+    """Send every spec; return per-request results (in spec order) and the wall time."""
+    import httpx
+
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max(concurrency or 0, 256))
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        if model is None:
+            models = (await client.get(f"{url}/v1/models", headers=headers)).json()
+            model = models["data"][0]["id"]
+        results: list[RequestResult | None] = [None] * len(specs)
+        run_start = time.perf_counter()
+
+        async def fire(i: int) -> None:
+            results[i] = await _one_request(
+                client, url, model, specs[i], run_start, headers, timeout
+            )
+
+        if request_rate is not None:  # open loop
+            tasks = []
+            for i, gap in enumerate(arrival_gaps(len(specs), request_rate, burstiness, seed)):
+                tasks.append(asyncio.create_task(fire(i)))
+                await asyncio.sleep(gap)
+            await asyncio.gather(*tasks)
+        else:  # closed loop: `concurrency` users
+            users = concurrency or 1
+            if users < 1:
+                raise InputError(f"--concurrency must be >= 1, got {users}")
+            queue = list(range(len(specs)))[::-1]
+
+            async def user() -> None:
+                while queue:
+                    await fire(queue.pop())
+
+            await asyncio.gather(*(user() for _ in range(users)))
+        wall = time.perf_counter() - run_start
+    return [r for r in results if r is not None], wall

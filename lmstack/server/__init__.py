@@ -1,0 +1,1 @@
+"""`lmstack serve`: the engine behind an OpenAI-compatible HTTP API, with Prometheus metrics."""

@@ -1,0 +1,341 @@
+"""The OpenAI-compatible HTTP app around one AsyncLLMEngine (vLLM's OpenAI server, small).
+
+Admission happens in one ASGI middleware in front of /v1 (drain -> 503, API key -> 401,
+body size -> 413) so a refused request costs nothing; the routes then parse the body
+themselves, which keeps every error, malformed JSON and bad UTF-8 included, a 400 in
+OpenAI's shape instead of FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from lmstack.engine.async_engine import AsyncLLMEngine
+from lmstack.engine.scheduler import QueueFullError
+from lmstack.errors import ContextLengthError, LmstackError
+from lmstack.server import protocol as p
+from lmstack.server.metrics import ServerMetrics
+from lmstack.server.serving import (
+    APIError,
+    RequestRecord,
+    ServerState,
+    chat_response,
+    completion_response,
+)
+
+logger = logging.getLogger("lmstack.server")
+
+# A full queue drains at the pace of finishing requests: about a second is a fair first retry.
+RETRY_AFTER_S = 1
+
+
+def error_response(status: int, message: str, kind: str, param=None, code=None, headers=None):
+    info = p.ErrorInfo(message=message, type=kind, param=param, code=code)
+    body = p.ErrorResponse(error=info).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = 1_000_000,
+) -> FastAPI:
+    """The app for one engine; several apps may share an engine (each has its own metrics)."""
+    state = ServerState(
+        engine=engine,
+        served_model_name=served_model_name,
+        api_key=api_key or None,
+        max_body_bytes=max_body_bytes,
+        metrics=ServerMetrics(engine),
+        renderer=p.TokenRenderer(engine.tokenizer),
+        max_request_tokens=engine.engine.max_request_tokens,
+    )
+    app = FastAPI(title="lmstack", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.server = state
+    app.add_middleware(AdmissionMiddleware, state=state)
+    _add_error_handlers(app, state)
+    _add_routes(app, state)
+    return app
+
+
+# ---------------------------------------------------------------------------- admission
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class AdmissionMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware, which buffers streams and hides disconnects).
+
+    Refuses before reading the body, buffers the body within --max-body-bytes, counts the
+    requests in flight for the drain, and logs one JSON line per /v1 request.
+    """
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        record = RequestRecord(scope["method"], scope["path"])
+        scope["lmstack.record"] = record
+        started = time.monotonic()
+
+        async def send_logged(message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        admitted = False
+        try:
+            refusal = self._refusal(scope)
+            body = None
+            if refusal is None:
+                admitted = True
+                state.in_flight += 1
+                body, refusal = await self._read_body(scope, receive)
+            if refusal is not None:
+                record.error = json.loads(refusal.body)["error"]["message"]
+                await refusal(scope, receive, send_logged)
+            else:
+                await self.app(scope, _replay(body, receive), send_logged)
+        except _ClientGone:
+            record.status = 499  # nginx's "client closed request"
+        except Exception:
+            record.status = record.status or 500  # answered by Starlette's outer error handler
+            raise
+        finally:
+            state.in_flight -= admitted
+            record.latency_s = round(time.monotonic() - started, 4)
+            record.emit()
+
+    def _refusal(self, scope) -> Response | None:
+        state = self.state
+        if state.draining:
+            state.metrics.rejected.labels(reason="draining").inc()
+            return error_response(503, "server is shutting down", "service_unavailable")
+        if state.api_key is not None:
+            auth = _header(scope, b"authorization") or b""
+            scheme, _, given = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(
+                given.strip(), state.api_key.encode()
+            ):
+                return error_response(
+                    401,
+                    "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                    "authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return None
+
+    async def _read_body(self, scope, receive) -> tuple[bytes | None, Response | None]:
+        """The whole body, counted as it streams in (Content-Length may be absent or lie)."""
+        limit = self.state.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return None, _too_large(f"request body is {int(declared)} bytes", limit)
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                # uvicorn reads and drops the rest, so the client still gets to read the 413.
+                return None, _too_large("request body is larger than that", limit)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+
+def _too_large(what: str, limit: int) -> Response:
+    message = f"the limit is {limit} bytes (--max-body-bytes); {what}"
+    return error_response(413, message, "invalid_request_error", code="body_too_large")
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _replay(body: bytes, receive):
+    """receive() that hands the buffered body to the app, then passes through (disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        _record(request).error = str(exc)
+        return error_response(exc.status, str(exc), exc.kind, exc.param, exc.code)
+
+    @app.exception_handler(LmstackError)
+    async def input_error(request: Request, exc: LmstackError):
+        _record(request).error = str(exc)
+        if isinstance(exc, QueueFullError):
+            state.metrics.rejected.labels(reason="queue_full").inc()
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            return error_response(429, str(exc), "rate_limit_error", None, "queue_full", headers)
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+        return error_response(400, str(exc), "invalid_request_error", code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        logger.exception("unhandled error")
+        return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+
+def _record(request: Request) -> RequestRecord:
+    record = request.scope.get("lmstack.record")
+    if record is None:  # a route outside /v1
+        record = request.scope["lmstack.record"] = RequestRecord(request.method, request.url.path)
+    return record
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, param = _describe(exc)
+        raise APIError(400, message, param=param) from exc
+
+
+def _describe(exc: ValidationError) -> tuple[str, str | None]:
+    """One line for pydantic's errors: the field, what is wrong, and the value given."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = first["loc"]
+    if len(errors) > 1:
+        # A union member that failed reports one error per alternative; name the field they
+        # share rather than one alternative's complaint.
+        shared = loc
+        for err in errors[1:]:
+            n = 0
+            while n < min(len(shared), len(err["loc"])) and shared[n] == err["loc"][n]:
+                n += 1
+            shared = shared[:n]
+        if shared:
+            loc = shared
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    where = where.lstrip(".") or "body"
+    if first["type"] == "missing":
+        return f"{where}: field required", where
+    got = json.dumps(first.get("input"), default=str)
+    got = got if len(got) <= 80 else got[:77] + "..."
+    what = "matches none of the accepted types" if loc != first["loc"] else first["msg"]
+    return f"{where}: {what}, got {got}", where
+
+
+def _reject_constant(name: str):
+    # json.loads accepts NaN and Infinity; a NaN temperature would pass every range check.
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.served_model_name:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {state.served_model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    def engine_alive() -> bool:
+        # The step thread is the engine's heartbeat: if it died, nothing will ever finish.
+        return state.engine.is_alive
+
+    @app.get("/health")
+    async def health():
+        if not engine_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.draining or not engine_alive():
+            status = "draining" if state.draining else "engine stopped"
+            return JSONResponse({"status": status}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body = state.metrics.render()  # engine stats are a snapshot: no waiting
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = p.ModelCard(
+            id=state.served_model_name,
+            created=state.created,
+            root=str(state.engine.engine.config.model),
+            max_model_len=state.engine.engine.max_model_len,
+        )
+        return p.ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _parse(request, p.ChatCompletionRequest)
+        _check_model(state, body.model)
+        return await chat_response(state, request, body, _record(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, p.CompletionRequest)
+        _check_model(state, body.model)
+        return await completion_response(state, request, body, _record(request))
