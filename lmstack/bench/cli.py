@@ -194,3 +194,43 @@ def serve_command(
     if plot:
         for png in serve.write_plots(results, wall, Path(plot)):
             console.print(f"wrote {png}")
+
+
+@bench_app.command("ladder")
+def ladder_command(
+    users: int = typer.Option(20, "--users", help="Concurrent chat users (closed loop)"),
+    requests: int = typer.Option(40, "--requests", help="Requests in each row's workload"),
+    input_len: int = typer.Option(130, "--input-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    rows: str = typer.Option("1,2,3,4,5", "--rows", help="Which rows to run, e.g. 1,4"),
+    seed: int = typer.Option(0, "--seed"),
+    model: str = typer.Option("bundled", "--model"),
+    json_out: str | None = typer.Option(None, "--json", help="Write the rows as JSON here"),
+    markdown_out: str | None = typer.Option(None, "--markdown", help="Write the table here"),
+) -> None:
+    """float32 one-at-a-time -> bf16 -> int8 -> continuous batching -> limits, measured."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lmstack.bench import ladder, serve
+    from lmstack.errors import InputError
+    from lmstack.model.tokenizer import Tokenizer
+    from lmstack.model.weights import resolve_model
+
+    try:
+        chosen = [ladder.RUNGS[int(i) - 1] for i in rows.split(",")]
+    except (ValueError, IndexError):
+        raise InputError(f"--rows {rows!r}: give numbers from 1 to {len(ladder.RUNGS)}") from None
+    if users < 1 or requests < 1:
+        raise InputError("--users and --requests must be >= 1")
+    tokenizer = Tokenizer(resolve_model(model))
+    specs = serve.random_dataset(tokenizer, requests, input_len, output_len, seed)
+    console = Console(stderr=True)
+    result = ladder.run_ladder(specs, users, model, chosen, progress=console.log)
+    table = ladder.to_markdown(result)
+    typer.echo(table)
+    if markdown_out:
+        Path(markdown_out).write_text(table)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))

@@ -1,7 +1,7 @@
 """Runs one scheduled batch through the model over the paged KV cache.
 
-The KV cache is a pool of fixed-size blocks per layer: k/v [layers, kv_heads, blocks,
-block_size, head_dim]. Heads come before blocks so that gathering a sequence's blocks gives
+The KV cache is a pool of fixed-size blocks per layer: [layers, 2 (K, V), kv_heads,
+blocks, block_size, head_dim]. Heads come before blocks so that gathering a sequence's blocks gives
 keys already laid out [kv_heads, tokens, head_dim] for the matmuls, with no transpose copy.
 A sequence's tokens live in the blocks of its block table, so memory is claimed block by
 block as it grows, freed the moment it finishes, and shared between sequences with a common
@@ -54,35 +54,34 @@ class PagedAttention:
         self.prefills = prefills
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        runner = self.runner
-        k_pool, v_pool = runner.k_cache[layer], runner.v_cache[layer]
-        kv_heads, _, _, dim = k_pool.shape
-        # Store this step's keys/values in their slots before anyone reads them.
-        k_pool.view(kv_heads, -1, dim).index_copy_(1, self.slots, k.transpose(0, 1))
-        v_pool.view(kv_heads, -1, dim).index_copy_(1, self.slots, v.transpose(0, 1))
+        pool = self.runner.kv_cache[layer]  # [2 (K, V), kv_heads, blocks, block_size, d]
+        _, kv_heads, _, _, dim = pool.shape
+        # Store this step's keys/values in their slots before anyone reads them (K and V in
+        # one call: on a CPU, small decode steps are bound by the number of kernel calls).
+        pool.view(2, kv_heads, -1, dim).index_copy_(
+            2, self.slots, torch.stack([k, v]).transpose(1, 2)
+        )
         if not self.prefills:  # decode-only step: rows are already in batch order
-            return self._decode(q, k_pool, v_pool)
+            return self._decode(q, pool)
         out = torch.empty_like(q)
         if self.decode_tables is not None:
-            out[self.decode_rows] = self._decode(q[self.decode_rows], k_pool, v_pool)
+            out[self.decode_rows] = self._decode(q[self.decode_rows], pool)
         for p in self.prefills:
-            keys = k_pool.index_select(1, p.block_table).flatten(1, 2)[:, : p.context]
-            values = v_pool.index_select(1, p.block_table).flatten(1, 2)[:, : p.context]
+            kv = pool.index_select(2, p.block_table).flatten(2, 3)[:, :, : p.context]
             rows = slice(p.start, p.start + p.length)
-            out[rows] = sdpa(q[rows].transpose(0, 1), keys, values, causal=True).transpose(0, 1)
+            out[rows] = sdpa(q[rows].transpose(0, 1), kv[0], kv[1], causal=True).transpose(0, 1)
         return out
 
-    def _decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor):
+    def _decode(self, q: torch.Tensor, pool: torch.Tensor):
         # q [B, H, d]. Every sequence's blocks are gathered into [kv_heads, B, S, d] (padded;
         # the additive mask hides the padding). Query heads are grouped under the key/value
         # head they share, so GQA needs no K/V copies: explicit batched matmuls here run ~10x
         # faster than torch's SDPA with enable_gqa and a mask for single-token queries.
         batch, heads, dim = q.shape
-        kv_heads = k_pool.shape[0]
+        kv_heads = pool.shape[1]
         # index_select is ~3x faster than advanced indexing for this gather on CPU.
-        flat = self.decode_tables.view(-1)
-        keys = k_pool.index_select(1, flat).view(kv_heads, batch, -1, dim)  # [KVH, B, S, d]
-        values = v_pool.index_select(1, flat).view(kv_heads, batch, -1, dim)
+        kv = pool.index_select(2, self.decode_tables.view(-1))
+        keys, values = kv.view(2, kv_heads, batch, -1, dim)  # each [KVH, B, S, d]
         grouped = (q * dim**-0.5).view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)
         scores = (grouped @ keys.transpose(-1, -2)).float()  # [KVH, B, G, S]
         weights = torch.softmax(scores + self.decode_mask, dim=-1).to(values.dtype)
@@ -99,17 +98,17 @@ class ModelRunner:
         self.block_size = block_size
         shape = (
             cfg.num_hidden_layers,
+            2,  # K and V
             cfg.num_key_value_heads,
             num_blocks,
             block_size,
             cfg.head_dim,
         )
-        self.k_cache = torch.zeros(shape, dtype=model.dtype)
-        self.v_cache = torch.zeros(shape, dtype=model.dtype)
+        self.kv_cache = torch.zeros(shape, dtype=model.dtype)
 
     @property
     def kv_cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+        return self.kv_cache.numel() * self.kv_cache.element_size()
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int) -> int:

@@ -1,0 +1,120 @@
+"""`lmstack bench serve` and `bench ladder` against real servers at tiny sizes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from serving_helpers import live_server
+
+from lmstack.bench.ladder import RUNGS, agreement, run_ladder, to_markdown
+from lmstack.bench.loadgen import RequestResult, arrival_gaps, run_load
+from lmstack.bench.serve import random_dataset, summarize
+from lmstack.cli import main
+from lmstack.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def server_url(model):
+    from lmstack.engine.async_engine import AsyncLLMEngine
+    from lmstack.server.app import create_app
+
+    engine = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=4096, max_waiting=4)
+    with live_server(create_app(engine, "smollm2-135m-instruct")) as url:
+        yield url
+    engine.shutdown()
+
+
+def test_arrivals_have_the_requested_rate_and_burstiness():
+    poisson = arrival_gaps(4000, rate=10, burstiness=1.0, seed=1)
+    bursty = arrival_gaps(4000, rate=10, burstiness=0.2, seed=1)
+    assert abs(sum(poisson) / 4000 - 0.1) < 0.01 and abs(sum(bursty) / 4000 - 0.1) < 0.015
+    spread = lambda xs: sum((x - 0.1) ** 2 for x in xs) / len(xs)  # noqa: E731
+    assert spread(bursty) > 3 * spread(poisson)
+    with pytest.raises(InputError, match="request-rate"):
+        arrival_gaps(1, 0, 1.0, 0)
+
+
+def test_summary_statistics_and_goodput():
+    results = [
+        RequestResult(ok=True, start=0, ttft=t, e2e=t + 1.0, output_tokens=11, itl=[0.1] * 10)
+        for t in (0.1, 0.2, 0.3, 0.4)
+    ] + [RequestResult(ok=False, start=0, error="http_429")]
+    s = summarize(results, wall=2.0, slo_ttft=0.25)
+    assert s["completed"] == 4 and s["errors"] == {"http_429": 1}
+    assert s["ttft_s"]["p50"] == pytest.approx(0.25) and s["tpot_s"]["mean"] == pytest.approx(0.1)
+    assert s["output_tokens_per_s"] == pytest.approx(22.0)
+    assert s["goodput"]["requests_per_s"] == pytest.approx(1.0)  # 2 of 5 meet TTFT <= 0.25
+    assert s["goodput"]["fraction"] == pytest.approx(0.4)
+
+
+def test_closed_and_open_loop_against_a_live_server(server_url, model):
+    _, tok = model
+    specs = random_dataset(tok, 6, input_len=16, output_len=8, seed=0)
+    results, wall = asyncio.run(run_load(server_url, specs, concurrency=3))
+    s = summarize(results, wall)
+    assert s["completed"] == 6 and not s["errors"]
+    assert all(r.output_tokens == 8 and len(r.itl) == 7 for r in results)
+    assert s["ttft_s"]["p99"] >= s["ttft_s"]["p50"] > 0
+    results, wall = asyncio.run(run_load(server_url, specs, request_rate=50.0, burstiness=0.5))
+    assert summarize(results, wall)["completed"] == 6
+
+
+def test_queue_overflow_is_counted_by_kind(server_url, model):
+    _, tok = model
+    specs = random_dataset(tok, 40, input_len=16, output_len=64, seed=1)
+    results, wall = asyncio.run(run_load(server_url, specs, request_rate=1000.0))
+    s = summarize(results, wall)
+    assert s["errors"].get("http_429", 0) > 0
+    assert s["completed"] + sum(s["errors"].values()) == 40
+
+
+@pytest.mark.slow
+def test_bench_serve_cli_writes_json_and_plots(server_url, tmp_path, capsys):
+    out, prefix = tmp_path / "run.json", tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "bench",
+                "serve",
+                "--url",
+                server_url,
+                "--num-prompts",
+                "4",
+                "--concurrency",
+                "2",
+                "--input-len",
+                "16",
+                "--output-len",
+                "6",
+                "--slo-ttft",
+                "30",
+                "--json",
+                str(out),
+                "--plot",
+                str(prefix),
+            ]
+        )
+    assert exc.value.code == 0
+    summary = json.loads(out.read_text())
+    assert summary["completed"] == 4 and summary["goodput"]["fraction"] == 1.0
+    for name in ("run-latency-cdf.png", "run-throughput.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TTFT" in capsys.readouterr().out
+
+
+def test_agreement_counts_tokens_until_divergence():
+    assert agreement([["a", "b", "c"], ["x"]], [["a", "b", "z"], ["x"]]) == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_ladder_rows_run_real_servers(model):
+    _, tok = model
+    specs = random_dataset(tok, 2, input_len=16, output_len=6, seed=2)
+    rows = run_ladder(specs, users=2, rungs=[RUNGS[0], RUNGS[3]], quality_tokens=8)
+    assert [r["completed"] for r in rows] == [2, 2] and all(r["errors"] == 0 for r in rows)
+    assert rows[0]["greedy_agreement_vs_row1"] == 1.0
+    assert rows[1]["greedy_agreement_vs_row1"] > 0.5  # bf16 vs fp32 greedy
+    assert all(r["peak_rss_gb"] and r["peak_rss_gb"] < 4 for r in rows)
+    assert to_markdown(rows).count("\n") == 4
