@@ -145,3 +145,25 @@ def test_generate_cli_rejects_bad_parameters(args, message, capsys, model):
     code, _, err = run_cli(["generate", "hello", *args], capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_chat_streams_replies_and_keeps_the_conversation(model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = "Say hello in one word.\nNow say goodbye in one word.\n/reset\n/quit\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmstack.cli", "chat", "--temperature", "0", "--max-tokens", "16"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Piped stdin: the "you> " prompts share lines with the replies.
+    replies = [part.split("\n")[0] for part in proc.stdout.split("assistant> ")[1:]]
+    assert len(replies) == 2 and all(r.strip() for r in replies)
+    assert proc.stdout.count("you> ") == 4

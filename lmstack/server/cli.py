@@ -35,6 +35,9 @@ def serve_command(
         None, "--served-model-name", help="Model name in the API (default: from --model)"
     ),
     max_num_seqs: int | None = typer.Option(None, "--max-num-seqs", help="Batch size cap"),
+    max_num_batched_tokens: int | None = typer.Option(
+        None, "--max-num-batched-tokens", help="Tokens per step (decodes + prefill chunks)"
+    ),
     max_waiting: int | None = typer.Option(
         None, "--max-waiting", help="Waiting-queue bound; beyond it requests get 429"
     ),
@@ -72,6 +75,7 @@ def serve_command(
 
     options = {
         "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
         "max_waiting": max_waiting,
         "kv_cache_gb": kv_cache_gb,
         "default_timeout": default_timeout,
