@@ -35,6 +35,11 @@ class AsyncLLMEngine:
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self._stats = self.engine.stats()
+        # Admission control without waiting for the step thread: the waiting count is the
+        # last snapshot's plus every request submitted after the drain that snapshot saw.
+        self._submitted = 0
+        self._drained = 0
+        self._snapshot_drained = 0
         self.num_rejected = 0
         self.step_error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="lmstack-engine", daemon=True)
@@ -71,6 +76,7 @@ class AsyncLLMEngine:
         with self._inbox_lock:
             new, self._new = list(self._new), deque()
             aborts, self._aborts = list(self._aborts), deque()
+            self._drained = self._submitted
         refused = []
         for seq in new:
             try:
@@ -86,7 +92,9 @@ class AsyncLLMEngine:
     def _publish_stats(self) -> None:
         stats = self.engine.stats()
         stats["num_rejected"] = stats.get("num_rejected", 0) + self.num_rejected
-        self._stats = stats
+        with self._inbox_lock:
+            self._stats = stats
+            self._snapshot_drained = self._drained
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -128,11 +136,12 @@ class AsyncLLMEngine:
         queue: asyncio.Queue = asyncio.Queue()
         bound = self.engine.scheduler.config.max_waiting
         with self._inbox_lock:
-            if self._stats["num_waiting"] + len(self._new) >= bound:
+            if self._waiting_estimate() >= bound:
                 self.num_rejected += 1
                 raise QueueFullError(bound)
             self._queues[seq.request_id] = (loop, queue)
             self._new.append(seq)
+            self._submitted += 1
         self._wake.set()
         return seq.request_id, queue
 
@@ -168,10 +177,15 @@ class AsyncLLMEngine:
         self._wake.set()
         return known
 
+    def _waiting_estimate(self) -> int:
+        # Called under _inbox_lock. Upper bound: some submitted requests may already run.
+        return self._stats["num_waiting"] + self._submitted - self._snapshot_drained
+
     def stats(self) -> dict:
         """The latest snapshot (never waits for a step)."""
-        stats = dict(self._stats)
-        stats["num_waiting"] += len(self._new)
+        with self._inbox_lock:
+            stats = dict(self._stats)
+            stats["num_waiting"] = self._waiting_estimate()
         return stats
 
     def shutdown(self) -> None:
