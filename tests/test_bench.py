@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import run_cli
 
 from lmstack.bench.offline import make_workload, parse_output_len
-from lmstack.cli import main
 from lmstack.errors import InputError
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_workload_is_reproducible_and_sized(model):

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from serving_helpers import live_server
+from helpers import live_server
 
 from lmstack.bench.ladder import RUNGS, agreement, run_ladder, to_markdown
 from lmstack.bench.loadgen import RequestResult, arrival_gaps, run_load

@@ -5,20 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import run_cli
 
-from lmstack.cli import main
 from lmstack.errors import InputError
 from lmstack.plan import count_params, parse_count, plan_memory, plan_tokens
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def cli_json(args, capsys) -> dict:

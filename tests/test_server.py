@@ -21,8 +21,8 @@ import threading
 import httpx
 import jsonschema
 import pytest
+from helpers import free_port, live_server, wait_for
 from openai import OpenAI
-from serving_helpers import free_port, live_server, wait_for
 
 from lmstack.server.app import create_app
 

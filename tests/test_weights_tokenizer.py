@@ -9,20 +9,13 @@ import time
 
 import pytest
 import torch
+from helpers import run_cli
 
-from lmstack.cli import main
 from lmstack.errors import ModelLoadError
 from lmstack.model.cache import NoCache
 from lmstack.model.llama import LlamaForCausalLM
 from lmstack.model.tokenizer import Tokenizer
 from lmstack.model.weights import check_hf_dir, resolve_model
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_bundled_model_is_cached_as_hf_directory(model):

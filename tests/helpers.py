@@ -1,4 +1,4 @@
-"""Helpers for tests that run a real server: uvicorn on a free 127.0.0.1 port."""
+"""Test helpers: the CLI in-process, and a real uvicorn server on a free 127.0.0.1 port."""
 
 from __future__ import annotations
 
@@ -44,3 +44,16 @@ def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return condition()
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run `lmstack ARGS` in-process: (exit code, stdout, stderr)."""
+    from lmstack.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
