@@ -153,11 +153,7 @@ def write_plots(results: list[RequestResult], wall: float, out_prefix: Path) -> 
         ax.set_xlabel("seconds")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_prefix.with_name(out_prefix.name + "-latency-cdf.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(plt, fig, out_prefix, "latency-cdf"))
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     bins = max(1, int(wall) + 1)
@@ -170,12 +166,16 @@ def write_plots(results: list[RequestResult], wall: float, out_prefix: Path) -> 
     ax.set_ylabel("output tokens / s")
     ax.set_title("throughput over time")
     ax.grid(alpha=0.3)
+    paths.append(_save(plt, fig, out_prefix, "throughput"))
+    return paths
+
+
+def _save(plt, fig, out_prefix: Path, name: str) -> Path:
     fig.tight_layout()
-    path = out_prefix.with_name(out_prefix.name + "-throughput.png")
+    path = out_prefix.with_name(f"{out_prefix.name}-{name}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(path)
-    return paths
+    return path
 
 
 def render_table(summary: dict, title: str):
