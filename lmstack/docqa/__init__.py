@@ -1,0 +1,1 @@
+"""Document Q&A: ingestion, chunking, retrieval, budgeted context, cited answers."""
