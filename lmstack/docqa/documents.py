@@ -1,0 +1,195 @@
+"""Reading documents: PDF (pages kept), Markdown, HTML, plain text and JSONL corpora.
+
+Every reader returns `Document`s whose text is a list of (page, text) pairs, the shape the
+chunker takes. Bad files raise InputError naming the file and what is wrong; a JSONL
+corpus skips malformed lines and reports their numbers instead of failing the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+from lmstack.errors import InputError
+
+TEXT_SUFFIXES = {".txt", ".text", ".rst", ".log"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+HTML_SUFFIXES = {".html", ".htm"}
+
+
+@dataclass
+class Document:
+    doc_id: str
+    title: str
+    pages: list[tuple[int | None, str]]
+    source: str
+    content_hash: str = ""
+    skipped_lines: list[str] = field(default_factory=list)  # JSONL only: "N (why)"
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            digest = hashlib.sha256()
+            for page, text in self.pages:
+                digest.update(f"{page}\x00{text}\x00".encode())
+            self.content_hash = digest.hexdigest()
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise InputError(f"{path}: the file is empty")
+    if b"\x00" in data[:4096]:
+        raise InputError(f"{path}: looks like a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path}: not UTF-8 text (invalid byte at offset {exc.start}); convert it first"
+        ) from None
+
+
+def read_pdf(path: Path) -> Document:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(str(path))
+        if reader.is_encrypted:
+            raise InputError(f"{path}: the PDF is encrypted; decrypt it first")
+        pages = [(i + 1, page.extract_text() or "") for i, page in enumerate(reader.pages)]
+    except InputError:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise InputError(f"{path}: not a readable PDF ({exc})") from None
+    if not any(text.strip() for _, text in pages):
+        raise InputError(f"{path}: the PDF has no extractable text (scanned images?)")
+    title = (reader.metadata or {}).get("/Title") if reader.metadata else None
+    return Document(path.name, str(title or path.stem), pages, str(path))
+
+
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML page; headings become Markdown headings for the chunker."""
+
+    SKIP = {"script", "style", "noscript", "template"}
+    BLOCK = {"p", "div", "li", "tr", "br", "section", "article", "table", "ul", "ol", "pre"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+        self.title = ""
+        self._in_title = False
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag == "title":
+            self._in_title = True
+        elif len(tag) == 2 and tag[0] == "h" and tag[1] in "123456":
+            self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
+        elif tag in self.BLOCK:
+            self.parts.append("\n\n" if tag != "br" else "\n")
+
+    def handle_endtag(self, tag) -> None:
+        if tag in self.SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag == "title":
+            self._in_title = False
+        elif (len(tag) == 2 and tag[0] == "h") or tag in self.BLOCK:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data) -> None:
+        if self._in_title:
+            self.title += data
+        elif not self.skipping:
+            self.parts.append(data)
+
+
+def read_html(path: Path) -> Document:
+    parser = _HTMLText()
+    parser.feed(_read_utf8(path))
+    text = "".join(parser.parts)
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    text = "\n".join(lines)
+    if not text.strip():
+        raise InputError(f"{path}: the page has no visible text")
+    return Document(path.name, parser.title.strip() or path.stem, [(None, text)], str(path))
+
+
+def read_text(path: Path) -> Document:
+    text = _read_utf8(path)
+    title = path.stem
+    if path.suffix.lower() in MARKDOWN_SUFFIXES:
+        first = next((ln for ln in text.splitlines() if ln.startswith("# ")), None)
+        title = first[2:].strip() if first else title
+    return Document(path.name, title, [(None, text)], str(path))
+
+
+def read_jsonl(
+    path: Path, text_field: str = "text", id_field: str = "id", title_field: str | None = None
+) -> list[Document]:
+    """One document per line; malformed lines are skipped and reported by number."""
+    docs: list[Document] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            skipped.append(f"{number} (invalid JSON: {exc.msg})")
+            continue
+        if not isinstance(row, dict):
+            skipped.append(f"{number} (not an object)")
+            continue
+        text = row.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            skipped.append(f"{number} (no text in field {text_field!r})")
+            continue
+        doc_id = str(row.get(id_field, f"{path.name}:{number}"))
+        if doc_id in seen:
+            skipped.append(f"{number} (duplicate {id_field} {doc_id!r})")
+            continue
+        seen.add(doc_id)
+        title = str(row.get(title_field) or doc_id) if title_field else doc_id
+        docs.append(Document(doc_id, title, [(None, text)], f"{path}:{number}"))
+    if not docs:
+        raise InputError(
+            f"{path}: no usable lines (field {text_field!r}); skipped: {', '.join(skipped[:5])}"
+        )
+    docs[0].skipped_lines = skipped
+    return docs
+
+
+def read_path(path: Path, **jsonl_fields) -> list[Document]:
+    """One file by its suffix (unknown suffixes are read as UTF-8 text)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    suffix = path.suffix.lower()
+    if suffix == ".pdf":
+        return [read_pdf(path)]
+    if suffix in HTML_SUFFIXES:
+        return [read_html(path)]
+    if suffix == ".jsonl":
+        return read_jsonl(path, **jsonl_fields)
+    return [read_text(path)]
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Files under the given paths (folders recursively, hidden files skipped), sorted."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        else:
+            files.append(path)
+    return files
