@@ -25,13 +25,8 @@ from lmstack.engine.scheduler import QueueFullError
 from lmstack.errors import ContextLengthError, LmstackError
 from lmstack.server import protocol as p
 from lmstack.server.metrics import ServerMetrics
-from lmstack.server.serving import (
-    APIError,
-    RequestRecord,
-    ServerState,
-    chat_response,
-    completion_response,
-)
+from lmstack.server.serving import chat_response, completion_response
+from lmstack.server.state import APIError, RequestRecord, ServerState
 
 logger = logging.getLogger("lmstack.server")
 
