@@ -95,8 +95,11 @@ class LLMEngine:
     @property
     def max_request_tokens(self) -> int:
         """The most tokens (prompt + output) one request can hold: window and KV pool."""
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        return min(self.max_model_len, capacity)
+        return min(self.max_model_len, self.kv_capacity_tokens)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
 
     def make_sequence(
         self,
@@ -127,7 +130,7 @@ class LLMEngine:
                 f"{len(prompt_ids) + params.max_tokens} exceeds the context window of "
                 f"{self.max_model_len} tokens"
             )
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        capacity = self.kv_capacity_tokens
         if len(prompt_ids) + params.max_tokens > capacity:
             raise InputError(
                 f"prompt + max_tokens = {len(prompt_ids) + params.max_tokens} tokens exceeds "
