@@ -1,0 +1,81 @@
+"""`POST /v1/triage` on `lmstack serve`: the server's own engine, the same Triager.
+
+Request: {"subject": "...", "body": "...", "id": "..."} for one ticket, or
+{"tickets": [{...}, ...]} for several (answered together, in order), plus optional
+"max_retries". Response: one record, or {"records": [...]}; records are the CLI's JSONL
+objects. The triage code is synchronous, so the route runs it in a worker thread; the
+generator wraps the server's AsyncLLMEngine, so triage requests share the continuous batch
+with chat traffic.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from lmstack.errors import InputError
+from lmstack.triage.schema import Ticket
+
+MAX_TICKETS_PER_REQUEST = 64
+
+
+class TicketIn(BaseModel):
+    subject: str = ""
+    body: str = ""
+    id: str | None = None
+
+
+class TriageRequest(BaseModel):
+    subject: str | None = None
+    body: str | None = None
+    id: str | None = None
+    tickets: list[TicketIn] | None = None
+    max_retries: int = Field(2, ge=0, le=5)
+
+
+class TriageService:
+    """One per server: builds its generator and triagers on first use."""
+
+    def __init__(self, async_engine):
+        self.async_engine = async_engine
+        self._generator = None
+        self._lock = threading.Lock()
+
+    def _triager(self, max_retries: int):
+        from lmstack.llm import EngineGenerator
+        from lmstack.triage.prompt import load_examples
+        from lmstack.triage.triage import TriageConfig, Triager
+
+        with self._lock:
+            if self._generator is None:
+                self._generator = EngineGenerator(self.async_engine)
+        model = str(self.async_engine.engine.config.model)
+        # A model merged from the triage adapter was trained without examples in the prompt.
+        tuned = (Path(model) / "triage_adapter.json").is_file()
+        examples = [] if tuned else load_examples()
+        config = TriageConfig(max_retries=max_retries, examples=examples, use_examples=not tuned)
+        return Triager(self._generator, config)
+
+    def handle(self, request: TriageRequest) -> dict:
+        if request.tickets is not None:
+            if request.subject is not None or request.body is not None:
+                raise InputError("give either tickets or subject/body, not both")
+            if not 1 <= len(request.tickets) <= MAX_TICKETS_PER_REQUEST:
+                raise InputError(
+                    f"tickets must hold 1 to {MAX_TICKETS_PER_REQUEST} tickets, "
+                    f"got {len(request.tickets)}"
+                )
+            tickets = [Ticket(**t.model_dump()) for t in request.tickets]
+        else:
+            tickets = [
+                Ticket(subject=request.subject or "", body=request.body or "", id=request.id)
+            ]
+        for i, ticket in enumerate(tickets):
+            if not ticket.text:
+                where = f"tickets[{i}]" if request.tickets is not None else "the ticket"
+                raise InputError(f"{where} is empty: subject and body are both empty")
+        records = self._triager(request.max_retries).triage_many(tickets)
+        dumped = [r.model_dump() for r in records]
+        return {"records": dumped} if request.tickets is not None else dumped[0]

@@ -1,0 +1,171 @@
+"""Triage: generate under the ticket's schema -> validate -> retry with the errors fed back.
+
+    triager = Triager(make_generator())
+    record = triager.triage(Ticket(subject="...", body="..."))
+    records = triager.triage_many(tickets, on_done=progress)   # one continuous batch
+
+Every attempt is decoded under `output_schema(candidates)`, so it parses, its enums are
+valid and its entities are spans of the ticket. A retry repeats the conversation with the
+previous answer and the validator's errors; when an error names the allowed urgencies the
+retry's schema offers only those, so a rule the model keeps missing cannot survive the
+last attempt. Tickets that do not fit the context are cut in the middle, with a warning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lmstack.errors import InputError
+from lmstack.llm import ChatRequest, Completion, Generator
+from lmstack.triage.grounding import candidates
+from lmstack.triage.languages import detect_language
+from lmstack.triage.prompt import Example, build_messages, load_examples, truncate_middle
+from lmstack.triage.schema import URGENCIES, Ticket, TriageRecord, output_schema
+from lmstack.triage.validate import allowed_urgencies, parse_output, validate
+
+MAX_TICKET_CHARS = 200_000  # beyond this a "ticket" is a file pasted by mistake
+MAX_OUTPUT_TOKENS = 640  # the schema's patterns bound the JSON to about 450 tokens
+
+
+@dataclass
+class TriageConfig:
+    max_retries: int = 2
+    max_tokens: int = MAX_OUTPUT_TOKENS
+    examples: list[Example] | None = None  # None: the shipped examples
+    use_examples: bool = True
+    timeout: float | None = None
+
+
+@dataclass
+class _Job:
+    """One ticket's state across attempts."""
+
+    index: int
+    ticket: Ticket
+    text: str  # what the model sees (truncated if needed)
+    language: str
+    candidates: dict
+    record: TriageRecord
+    started: float = field(default_factory=time.monotonic)
+    feedback: list[str] | None = None
+    previous: str | None = None
+    urgencies: tuple[str, ...] | None = None
+
+
+class Triager:
+    def __init__(self, generator: Generator, config: TriageConfig | None = None):
+        self.generator = generator
+        self.config = config or TriageConfig()
+        if self.config.max_retries < 0:
+            raise InputError(f"--max-retries must be >= 0, got {self.config.max_retries}")
+        if self.config.examples is None and self.config.use_examples:
+            self.config.examples = load_examples()
+        self.examples = self.config.examples if self.config.use_examples else []
+
+    # ------------------------------------------------------------------ public
+
+    def triage(self, ticket: Ticket) -> TriageRecord:
+        return self.triage_many([ticket])[0]
+
+    def triage_many(
+        self,
+        tickets: list[Ticket],
+        on_done: Callable[[int, TriageRecord], None] | None = None,
+    ) -> list[TriageRecord]:
+        """All tickets in flight together; each retry round batches the tickets that need it."""
+        jobs = [self._job(i, t) for i, t in enumerate(tickets)]
+        pending = [job for job in jobs if job.record.errors == []]
+        for job in jobs:
+            if job.record.errors and on_done:
+                on_done(job.index, job.record)
+        attempt = 0
+        while pending:
+            attempt += 1
+            last_round = attempt > self.config.max_retries
+            requests = [self._request(job) for job in pending]
+            retry = []
+
+            def finished(
+                k: int,
+                completion: Completion,
+                pending=pending,
+                retry=retry,
+                attempt=attempt,
+                last_round=last_round,
+            ) -> None:
+                job = pending[k]
+                if self._absorb(job, completion, attempt) or last_round:
+                    job.record.latency_s = round(time.monotonic() - job.started, 3)
+                    if on_done:
+                        on_done(job.index, job.record)
+                else:
+                    retry.append(job)
+
+            self.generator.complete_many(requests, on_done=finished)
+            pending = sorted(retry, key=lambda job: job.index)
+        return [job.record for job in jobs]
+
+    # ------------------------------------------------------------------ steps
+
+    def _job(self, index: int, ticket: Ticket) -> _Job:
+        record = TriageRecord(id=ticket.id)
+        text = ticket.text
+        if not text:
+            record.errors = ["the ticket is empty: give a subject or a body"]
+        elif len(text) > MAX_TICKET_CHARS:
+            record.errors = [
+                f"the ticket is {len(text)} characters; the limit is {MAX_TICKET_CHARS}"
+            ]
+        else:
+            text, cut = self._fit(text)
+            if cut:
+                record.warnings.append(
+                    f"ticket truncated: {cut} characters cut from the middle to fit the "
+                    f"{self.generator.context_window}-token context window"
+                )
+        language = detect_language(text) if text else "English"
+        return _Job(index, ticket, text, language, candidates(text) if text else {}, record)
+
+    def _fit(self, text: str) -> tuple[str, int]:
+        """Cut the ticket's middle so prompt + answer (+ one retry turn) fit the window."""
+        overhead = self.generator.prompt_tokens(build_messages("", self.examples, "English"))
+        # A retry adds the previous answer and the errors: keep room for them too.
+        retry_room = self.config.max_tokens + 200 if self.config.max_retries else 0
+        budget = self.generator.context_window - overhead - self.config.max_tokens - retry_room
+        return truncate_middle(text, self.generator.count_tokens, budget)
+
+    def _request(self, job: _Job) -> ChatRequest:
+        language = job.language if job.language != "English" else None
+        messages = build_messages(job.text, self.examples, language, job.feedback, job.previous)
+        schema = output_schema(job.candidates, urgencies=job.urgencies or URGENCIES)
+        return ChatRequest(
+            messages=messages,
+            max_tokens=self.config.max_tokens,
+            temperature=0.0,
+            json_schema=schema,
+            timeout=self.config.timeout,
+        )
+
+    def _absorb(self, job: _Job, completion: Completion, attempt: int) -> bool:
+        """Fold one attempt into the record; True when the record is final (valid)."""
+        record = job.record
+        record.attempts = attempt
+        if completion.error:
+            record.valid, record.errors = False, [f"generation failed: {completion.error}"]
+            return True  # an engine error (e.g. timeout) is not the model's to fix
+        output, errors = parse_output(completion.text)
+        if output is None and completion.finish_reason == "length":
+            errors = [f"the answer was cut at {self.config.max_tokens} tokens; be shorter"]
+        if output is not None:
+            errors = validate(output, job.text, job.language)
+            record_fields = output.model_dump()
+            for name, value in record_fields.items():
+                setattr(record, name, getattr(output, name) if name == "entities" else value)
+        record.valid, record.errors = not errors, errors
+        if errors:
+            job.feedback, job.previous = errors, completion.text or None
+            if any(e.startswith("urgency must be") for e in errors):
+                job.urgencies = allowed_urgencies(job.text)
+        return not errors
