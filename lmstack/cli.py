@@ -13,6 +13,7 @@ import typer
 import lmstack  # noqa: F401  (sets the offline environment before anything else loads)
 from lmstack import explain, textgen
 from lmstack.bench.cli import bench_app
+from lmstack.docqa.cli import ask_command, docs_app
 from lmstack.errors import LmstackError
 from lmstack.plan_cli import plan_app
 from lmstack.server.cli import serve_command
@@ -31,6 +32,8 @@ app.command("chat")(textgen.chat_command)
 app.command("serve")(serve_command)
 app.add_typer(bench_app, name="bench")
 app.add_typer(plan_app, name="plan")
+app.add_typer(docs_app, name="docs")
+app.command("ask")(ask_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,8 @@ class _Unit:
 
 
 def _sections(text: str, headings: list[str]):
-    """(heading path, paragraph) pairs; headings update the path, they are not content."""
+    """(heading path, paragraph) pairs. A heading updates the path and also opens the next
+    paragraph: in glossaries and FAQs the heading is the term being defined."""
     path = list(headings)
     paragraph: list[str] = []
     for line in text.splitlines():
@@ -53,6 +54,7 @@ def _sections(text: str, headings: list[str]):
             if match:
                 level = len(match.group(1))
                 path = path[: level - 1] + [match.group(2)]
+                paragraph = [line.strip()]
             continue
         paragraph.append(line)
     if paragraph:
@@ -112,14 +114,19 @@ def chunk_pages(
         chunks.append(Chunk(doc_id, len(chunks), text, size(current), first.page, first.headings))
 
     for unit in _units(tokenizer, pages, max_tokens):
-        if current and (
-            unit.headings[:1] != current[0].headings[:1] or size([*current, unit]) > max_tokens
-        ):
+        # A chunk stays within one page (so a citation names the page exactly) and one
+        # top-level section.
+        same_place = (
+            unit.headings[:1] == current[0].headings[:1] and unit.page == current[0].page
+            if current
+            else True
+        )
+        if current and (not same_place or size([*current, unit]) > max_tokens):
             emit()
             # Carry whole trailing units (up to `overlap` tokens) into the next chunk,
-            # but never across a top-level section change.
+            # but never across a page or top-level section change.
             carried: list[_Unit] = []
-            if unit.headings[:1] == current[0].headings[:1]:
+            if same_place:
                 for previous in reversed(current):
                     if sum(u.tokens for u in carried) + previous.tokens > overlap:
                         break

@@ -8,7 +8,9 @@ corpus skips malformed lines and reports their numbers instead of failing the ba
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -119,12 +121,21 @@ def read_html(path: Path) -> Document:
     return Document(path.name, parser.title.strip() or path.stem, [(None, text)], str(path))
 
 
+# Markup in Markdown that carries no text: anchors, layout divs, comments.
+_EMPTY_HTML = re.compile(r"<(a|div|span)\b[^>]*>\s*</\1>|<!--.*?-->|<br\s*/?>", re.S | re.I)
+
+
+def clean_markdown(text: str) -> str:
+    return html.unescape(_EMPTY_HTML.sub("", text))
+
+
 def read_text(path: Path) -> Document:
     text = _read_utf8(path)
     title = path.stem
     if path.suffix.lower() in MARKDOWN_SUFFIXES:
-        first = next((ln for ln in text.splitlines() if ln.startswith("# ")), None)
-        title = first[2:].strip() if first else title
+        text = clean_markdown(text)
+        first = next((ln for ln in text.splitlines() if ln.startswith("#")), None)
+        title = first.lstrip("#").strip() if first and first.lstrip("#").strip() else title
     return Document(path.name, title, [(None, text)], str(path))
 
 

