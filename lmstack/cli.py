@@ -17,6 +17,7 @@ from lmstack.docqa.cli import ask_command, docs_app
 from lmstack.errors import LmstackError
 from lmstack.plan_cli import plan_app
 from lmstack.server.cli import serve_command
+from lmstack.triage.cli import triage_app
 
 app = typer.Typer(
     name="lmstack",
@@ -31,6 +32,7 @@ app.command("generate")(textgen.generate_command)
 app.command("chat")(textgen.chat_command)
 app.command("serve")(serve_command)
 app.add_typer(bench_app, name="bench")
+app.add_typer(triage_app, name="triage")
 app.add_typer(plan_app, name="plan")
 app.add_typer(docs_app, name="docs")
 app.command("ask")(ask_command)

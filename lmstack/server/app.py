@@ -334,3 +334,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body = await _parse(request, p.CompletionRequest)
         _check_model(state, body.model)
         return await completion_response(state, request, body, _record(request))
+
+    @app.post("/v1/triage")
+    async def triage(request: Request):
+        # Support-ticket triage (lmstack/triage) on this server's engine, in a worker thread.
+        from starlette.concurrency import run_in_threadpool
+
+        from lmstack.triage.service import TriageRequest, TriageService
+
+        body = await _parse(request, TriageRequest)
+        if getattr(app.state, "triage", None) is None:
+            app.state.triage = TriageService(state.engine)
+        return await run_in_threadpool(app.state.triage.handle, body)

@@ -240,14 +240,9 @@ def _eval_set(file, category_field, urgency_field, label_map, subject_field, bod
     from lmstack.triage.schema import CATEGORIES, ENTITY_FIELDS, URGENCIES, Ticket
 
     if file is None:
-        from lmstack.triage.dataset import load_labelled
+        from lmstack.triage.dataset import heldout_sample
 
-        labelled = load_labelled("heldout")
-        own = [t for t in labelled if t.source == "own"]
-        bitext = [t for t in labelled if t.source != "own"]
-        if limit is not None:
-            bitext = bitext[: max(0, limit - len(own))]
-        chosen = bitext + own
+        chosen = heldout_sample(limit)
         tickets = [Ticket(subject=t.subject, body=t.body, id=t.id) for t in chosen]
         golds = [Gold(t.text, t.category, t.urgency, t.entities) for t in chosen]
         return tickets, golds, "held-out split (Bitext + own tickets)"
@@ -337,7 +332,7 @@ def bench_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """N tickets concurrently through the engine vs one at a time, in the same run."""
-    from lmstack.triage.dataset import load_labelled
+    from lmstack.triage.dataset import heldout_sample
     from lmstack.triage.schema import Ticket
 
     if tickets < 1:
@@ -345,10 +340,10 @@ def bench_command(
     sequential = tickets if sequential is None else sequential
     if not 1 <= sequential <= tickets:
         raise InputError(f"--sequential must be in [1, {tickets}], got {sequential}")
-    held = load_labelled("heldout")
+    held = heldout_sample(tickets)[-tickets:]
     if tickets > len(held):
         raise InputError(f"--tickets {tickets}: the held-out split has {len(held)} tickets")
-    chosen = [Ticket(subject=t.subject, body=t.body, id=t.id) for t in held[:tickets]]
+    chosen = [Ticket(subject=t.subject, body=t.body, id=t.id) for t in held]
     triager = make_triager(model, dtype, None, max_retries)
     triager.triage(chosen[0])  # warm-up: grammar tokenizer, kernels, prefix cache
     started = time.monotonic()
@@ -383,9 +378,12 @@ def train_command(
     ),
     train_size: int = typer.Option(320, "--train-size", help="Bitext training tickets"),
     epochs: int = typer.Option(1, "--epochs"),
-    lr: float = typer.Option(5e-4, "--lr"),
+    lr: float = typer.Option(8e-4, "--lr"),
     rank: int = typer.Option(16, "--rank"),
     seed: int = typer.Option(0, "--seed"),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch threads (1 is fastest on a CPU shared with other work)"
+    ),
 ) -> None:
     """LoRA SFT on the training split (fixed seed and split); writes the adapter."""
     from lmstack.triage.train import TrainConfig, train
@@ -395,8 +393,15 @@ def train_command(
             raise InputError(f"{name} must be >= 1, got {value}")
     if lr <= 0:
         raise InputError(f"--lr must be > 0, got {lr}")
-    config = TrainConfig(train_size=train_size, epochs=epochs, lr=lr, rank=rank, alpha=2 * rank)
-    config.seed = seed
+    config = TrainConfig(
+        train_size=train_size,
+        epochs=epochs,
+        lr=lr,
+        rank=rank,
+        alpha=2 * rank,
+        seed=seed,
+        threads=threads,
+    )
     with _progress(0, "train") as bar:
         task = bar.add_task("train", total=None)
 

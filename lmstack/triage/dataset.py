@@ -184,13 +184,29 @@ def load_labelled(split: str | None = None) -> list[LabelledTicket]:
     return [t for t in tickets if split is None or split_of_ticket(t) == split]
 
 
+def heldout_sample(limit: int | None = None) -> list[LabelledTicket]:
+    """The held-out split for evaluation: all our own held-out tickets, then Bitext ones in
+    a fixed pseudo-random order (by hash; the CSV itself is sorted by intent), up to `limit`.
+    """
+    heldout = load_labelled("heldout")
+    own = [t for t in heldout if t.source == "own"]
+    bitext = sorted(
+        (t for t in heldout if t.source != "own"),
+        key=lambda t: hashlib.sha256(t.text.encode()).hexdigest(),
+    )
+    if limit is not None:
+        bitext = bitext[: max(0, limit - len(own))]
+    return own + bitext
+
+
 def _as_span(value: str, text: str) -> str | None:
-    """Bitext's order ID as it appears in the text ("00004587345" for 4587345), or None."""
-    if value in text:
-        return value
+    """Bitext's order ID as the whole token in the text ("00004587345" for 4587345), or None."""
     from lmstack.triage.grounding import id_candidates
 
-    matches = [c for c in id_candidates(text) if value in c or c in value]
+    found = id_candidates(text)
+    if value in found:
+        return value
+    matches = [c for c in found if value in c or c in value]
     return matches[0] if len(matches) == 1 else None
 
 

@@ -5,10 +5,17 @@ and hope, the per-ticket JSON schema offers each entity field `null` or an enum 
 ticket's own candidate spans, so the decoder cannot write a value the ticket does not
 contain, through the in-process engine or any OpenAI server that honours json_schema.
 
-Candidates: e-mail addresses by pattern; IDs (customer IDs, order numbers) as tokens with a
-digit, at least 4 characters, a leading '#' dropped ("Order #ORD-2024-8891" gives
-"ORD-2024-8891"); product names as word 1- to 4-grams that neither start nor end with a
-stop word.
+Candidates: e-mail addresses by pattern; IDs as tokens with a digit, at least 4 characters,
+a leading '#' dropped ("Order #ORD-2024-8891" gives "ORD-2024-8891"); product names as word
+1- to 4-grams that neither start nor end with a stop word. IDs are typed by the words just
+before them ("order", "purchase", "pedido"... or "customer ID", "Kundennummer"...) or by a
+prefix (ORD-, CUS-): an order-typed ID is not offered as a customer ID and vice versa;
+untyped IDs are offered to both, and the model decides.
+
+A span the ticket labels explicitly is *required*: when an ID is typed as an order number
+("order 66120387", "ORD-2024-8891") the order_number field must be one of the typed IDs,
+likewise for customer IDs, and an e-mail address in the ticket must fill the email field.
+Anything less explicit (untyped IDs, product names) stays the model's choice, null included.
 """
 
 from __future__ import annotations
@@ -188,14 +195,55 @@ def product_candidates(text: str) -> list[str]:
     return _unique(found)[:MAX_PRODUCT_CANDIDATES]
 
 
+ORDER_CONTEXT = re.compile(
+    r"(order|purchase|pedido|commande|bestellung|tracking|parcel|package)\W*"
+    r"((number|no|num|id|nr|número|numéro|nummer|is|of|#)\W*){0,3}$",
+    re.IGNORECASE,
+)
+CUSTOMER_CONTEXT = re.compile(
+    r"(customer|client|cliente|kunden\w*|account|user|member)\W*"
+    r"((id|number|no|num|nr|número|numéro|nummer|is)\W*){0,3}$",
+    re.IGNORECASE,
+)
+ORDER_PREFIX = re.compile(r"^(ORD|ORDER|PO|SO)\b", re.IGNORECASE)
+CUSTOMER_PREFIX = re.compile(r"^(CUS|CUST|CUSTOMER|CID|C|ACC|USR|U)-", re.IGNORECASE)
+
+
+def typed_ids(text: str) -> dict[str, list[str]]:
+    """IDs split into 'order', 'customer' and 'other' by their prefix or the words before."""
+    typed: dict[str, list[str]] = {"order": [], "customer": [], "other": []}
+    for token in id_candidates(text):
+        start = text.find(token)
+        before = text[max(0, start - 30) : start].rstrip("#: ")
+        if ORDER_PREFIX.match(token) or ORDER_CONTEXT.search(before):
+            typed["order"].append(token)
+        elif CUSTOMER_PREFIX.match(token) or CUSTOMER_CONTEXT.search(before):
+            typed["customer"].append(token)
+        else:
+            typed["other"].append(token)
+    return typed
+
+
 def candidates(text: str) -> dict[str, list[str]]:
     """Allowed non-null values per entity field for a ticket."""
-    ids = id_candidates(text)
+    ids = typed_ids(text)
+    emails = email_candidates(text)
+    required = [
+        name
+        for name, present in (
+            ("order_number", ids["order"]),
+            ("customer_id", ids["customer"]),
+            ("email", emails),
+        )
+        if present
+    ]
     return {
-        "customer_id": ids,
-        "order_number": ids,
+        # typed IDs only, when there are any, for a required field
+        "customer_id": ids["customer"] or ids["other"],
+        "order_number": ids["order"] or ids["other"],
         "product_name": product_candidates(text),
-        "email": email_candidates(text),
+        "email": emails,
+        "required": required,
     }
 
 

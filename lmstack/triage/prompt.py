@@ -84,9 +84,24 @@ def load_examples(path: str | Path | None = None) -> list[Example]:
     return examples
 
 
+def span_hint(ticket_text: str) -> str:
+    """The spans the ticket labels explicitly, per field (the schema requires them)."""
+    from lmstack.triage.grounding import candidates
+
+    found = candidates(ticket_text)
+    parts = []
+    for name in ("order_number", "customer_id", "email"):
+        values = found[name][:5] if name in found["required"] else []
+        parts.append(f"{name}: {', '.join(values) if values else 'none'}")
+    return "Spans in the ticket: " + "; ".join(parts) + "."
+
+
 def user_turn(ticket_text: str, language: str | None = None) -> str:
     reply_in = f"\nWrite suggested_response in {language}." if language else ""
-    return f"Triage this ticket.{reply_in}\n<ticket>\n{defuse(ticket_text)}\n</ticket>"
+    return (
+        f"Triage this ticket.{reply_in}\n<ticket>\n{defuse(ticket_text)}\n</ticket>\n"
+        f"{span_hint(ticket_text)}"
+    )
 
 
 def build_messages(

@@ -81,15 +81,17 @@ class TriageRecord(BaseModel):
     latency_s: float = 0.0
 
 
-def entity_schema(values: list[str]) -> dict:
-    """null, or exactly one of `values` (the ticket's own spans)."""
+def entity_schema(values: list[str], required: bool = False) -> dict:
+    """null, or exactly one of `values` (the ticket's own spans); no null when `required`."""
     if not values:
         return {"type": "null"}
+    if required:
+        return {"type": "string", "enum": list(values)}
     return {"anyOf": [{"type": "null"}, {"type": "string", "enum": list(values)}]}
 
 
 def output_schema(
-    candidates: dict[str, list[str]] | None = None,
+    candidates: dict[str, list[str]] | None = None,  # grounding.candidates(text)
     categories: tuple[str, ...] = CATEGORIES,
     urgencies: tuple[str, ...] = URGENCIES,
 ) -> dict:
@@ -99,7 +101,10 @@ def output_schema(
     before the model starts writing prose.
     """
     candidates = candidates or {}
-    entities = {name: entity_schema(candidates.get(name, [])) for name in ENTITY_FIELDS}
+    required = set(candidates.get("required", []))
+    entities = {
+        name: entity_schema(candidates.get(name, []), name in required) for name in ENTITY_FIELDS
+    }
     return {
         "type": "object",
         "properties": {

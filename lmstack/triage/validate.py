@@ -97,6 +97,9 @@ def validate(output: TriageOutput, ticket_text: str, language: str | None = None
     low, high = REPLY_SENTENCES
     if not low <= n <= high:
         errors.append(f"suggested_response has {n} sentences; write {low} to {high}")
+    sentences = [x.lower() for x in split_sentences(output.suggested_response)]
+    if len(set(sentences)) < len(sentences):
+        errors.append("suggested_response repeats a sentence; write each sentence once")
     language = language or detect_language(ticket_text)
     if language != "English" and detect_language(output.suggested_response) != language:
         errors.append(f"suggested_response must be written in {language}, the ticket's language")
