@@ -173,7 +173,8 @@ class EngineGenerator:
         )
 
     def complete(self, request: ChatRequest) -> Completion:
-        return asyncio.run_coroutine_threadsafe(self._run(request), self._loop).result()
+        """The completion; a request the engine refuses comes back with `error` set."""
+        return _result_or_error(asyncio.run_coroutine_threadsafe(self._run(request), self._loop))
 
     def complete_many(self, requests, on_done=None) -> list[Completion]:
         futures = [asyncio.run_coroutine_threadsafe(self._run(r), self._loop) for r in requests]

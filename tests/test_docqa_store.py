@@ -77,7 +77,7 @@ def test_readding_unchanged_is_a_noop_and_a_change_replaces(tmp_path, tokenizer)
     assert all("7411" not in h.text for h in hits)
     # No chunk of the old version is left anywhere in the collection.
     assert store.collect_garbage() == 0
-    assert len(list(store._iterate("lmstack_chunks", 'doc_id == "a.md"', ["pk"]))) == 1
+    assert len(list(store.iterate("lmstack_chunks", 'doc_id == "a.md"', ["pk"]))) == 1
 
 
 def test_interrupted_ingestion_leaves_the_earlier_state(tmp_path, tokenizer, monkeypatch):
@@ -251,3 +251,23 @@ def test_store_copy_is_independent(nist_store, tmp_path):
     copy = tmp_path / "copy.db"
     shutil.copytree(store.uri, copy, ignore=shutil.ignore_patterns("LOCK"))
     assert DocStore(copy).count_chunks() == store.count_chunks()
+
+
+@pytest.mark.slow
+def test_bench_command_reports_ingest_and_latency(tmp_path, capsys):
+    folder = tmp_path / "report"
+    folder.mkdir()
+    shutil.copy(NIST / "sec5_DIRM.md", folder)
+    out, png = tmp_path / "bench.json", tmp_path / "latency.png"
+    code, stdout, err = run_cli(
+        ["docs", "bench", "--folder", str(folder), "--questions", str(QUESTIONS),
+         "--chunks", "60", "--words", "20", "--repeats", "1", "--json", str(out),
+         "--png", str(png)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["ingest"]["documents"] == 1 and result["store"]["chunks"] == 60
+    assert set(result["latency"]) == {"hybrid", "dense", "bm25", "numpy exact dense (baseline)"}
+    assert all(row["p50_ms"] > 0 for row in result["latency"].values())
+    assert png.stat().st_size > 10_000 and "P50 ms" in stdout

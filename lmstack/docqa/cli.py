@@ -276,3 +276,58 @@ def ask_command(
         for name, tokens in result.budget.rows():
             table.add_row(name, f"{tokens:,}")
         console.print(table)
+
+
+@docs_app.command("bench")
+def bench_command(
+    folder: Path | None = typer.Option(None, "--folder", help="Report to ingest (default NIST)"),
+    questions: Path | None = typer.Option(None, "--questions", help="Queries (JSONL)"),
+    chunks: int = typer.Option(10_000, "--chunks", help="Chunks in the large store"),
+    words: int = typer.Option(64, "--words", help="Words per passage in the large store"),
+    repeats: int = typer.Option(3, "--repeats", help="Times each query runs per mode"),
+    json_out: Path | None = typer.Option(None, "--json", help="Write results as JSON"),
+    png: Path | None = typer.Option(None, "--png", help="Write latency CDFs as PNG"),
+    model: str | None = typer.Option(None, "--model", help="Model whose tokenizer counts"),
+) -> None:
+    """Ingestion time of a report, and retrieval latency on a large store vs NumPy."""
+    from lmstack.config import shared_data_dir
+    from lmstack.docqa.bench import plot, run_bench
+    from lmstack.model.tokenizer import Tokenizer
+    from lmstack.model.weights import resolve_model
+
+    if chunks < 10 or words < 5 or repeats < 1:
+        raise InputError(
+            f"--chunks must be >= 10, --words >= 5, --repeats >= 1; "
+            f"got {chunks}, {words}, {repeats}"
+        )
+    folder = folder or shared_data_dir() / "nist-sp800-63-3"
+    default_questions = Path(__file__).resolve().parents[2] / "tests/data/nist_questions.jsonl"
+    questions = questions or default_questions
+    console = _console()
+    result = run_bench(
+        folder, questions, Tokenizer(resolve_model(model)), chunks, words, repeats,
+        log=lambda m: console.print(m, markup=False),
+    )  # fmt: skip
+    from rich.table import Table
+
+    ingest = result["ingest"]
+    console.print(
+        f"ingest {ingest['folder']}: {ingest['documents']} documents, {ingest['chunks']} "
+        f"chunks, {ingest['tokens']:,} tokens in {ingest['seconds']} s"
+    )
+    table = Table(
+        title=f"Top-5 retrieval on {result['store']['chunks']:,} chunks "
+        f"({result['queries']} queries per mode)"
+    )
+    table.add_column("retriever")
+    table.add_column("P50 ms", justify="right")
+    table.add_column("P99 ms", justify="right")
+    for name, row in result["latency"].items():
+        table.add_row(name, f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}")
+    console.print(table)
+    if json_out:
+        slim = {k: v for k, v in result.items() if k != "samples"}
+        json_out.write_text(json.dumps(slim, indent=2))
+    if png:
+        plot(result, png)
+        console.print(f"wrote {png}")

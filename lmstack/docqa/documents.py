@@ -139,6 +139,19 @@ def read_text(path: Path) -> Document:
     return Document(path.name, title, [(None, text)], str(path))
 
 
+def iter_jsonl(path: Path):
+    """(line number, object) per non-blank line, or (line number, why it is unusable)."""
+    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, f"invalid JSON: {exc.msg}"
+            continue
+        yield number, row if isinstance(row, dict) else "not an object"
+
+
 def read_jsonl(
     path: Path, text_field: str = "text", id_field: str = "id", title_field: str | None = None
 ) -> list[Document]:
@@ -146,16 +159,9 @@ def read_jsonl(
     docs: list[Document] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            skipped.append(f"{number} (invalid JSON: {exc.msg})")
-            continue
-        if not isinstance(row, dict):
-            skipped.append(f"{number} (not an object)")
+    for number, row in iter_jsonl(path):
+        if isinstance(row, str):
+            skipped.append(f"{number} ({row})")
             continue
         text = row.get(text_field)
         if not isinstance(text, str) or not text.strip():

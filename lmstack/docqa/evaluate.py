@@ -15,7 +15,6 @@ F1 against `answer` on answerable questions, and abstention accuracy on unanswer
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmstack.docqa.documents import iter_jsonl
 from lmstack.docqa.retrieve import MODES, Retriever
 from lmstack.errors import InputError
 
@@ -43,16 +43,12 @@ def load_questions(path: Path) -> list[Question]:
     if not path.is_file():
         raise InputError(f"{path}: no such questions file")
     questions, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for number, row in iter_jsonl(path):
+        if isinstance(row, str):
+            problems.append(f"line {number}: {row}")
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {number}: invalid JSON ({exc.msg})")
-            continue
-        question = row.get("question") if isinstance(row, dict) else None
-        doc_ids = row.get("doc_ids", []) if isinstance(row, dict) else None
+        question = row.get("question")
+        doc_ids = row.get("doc_ids", [])
         if not isinstance(question, str) or not question.strip():
             problems.append(f"line {number}: no 'question' string")
             continue

@@ -70,14 +70,9 @@ class ChunkRow:
 
 
 @dataclass
-class Hit:
-    doc_id: str
-    chunk_id: int
-    title: str
-    page: int | None
-    headings: list[str]
-    text: str
-    tokens: int
+class Hit(ChunkRow):
+    """A retrieved chunk: the stored row plus how it ranked."""
+
     score: float
     rank: int = 0
     scores: dict = field(default_factory=dict)  # per retriever: {"dense": .., "bm25": ..}
@@ -211,7 +206,7 @@ class DocStore:
 
     # ---------------------------------------------------------------- registry
 
-    def _iterate(self, collection: str, filter: str, fields: list[str]):
+    def iterate(self, collection: str, filter: str, fields: list[str]):
         iterator = self.client.query_iterator(
             collection, batch_size=2000, filter=filter, output_fields=fields
         )
@@ -228,7 +223,7 @@ class DocStore:
         fields = [f for f in DocumentRecord.__dataclass_fields__]
         rows = [
             DocumentRecord(**{k: row[k] for k in fields})
-            for row in self._iterate(DOCUMENTS, "", fields)
+            for row in self.iterate(DOCUMENTS, "", fields)
         ]
         return sorted(rows, key=lambda r: r.doc_id)
 
@@ -243,7 +238,7 @@ class DocStore:
         if self._live is None:
             self._live = {
                 row["doc_id"]: row["version"]
-                for row in self._iterate(DOCUMENTS, "", ["doc_id", "version"])
+                for row in self.iterate(DOCUMENTS, "", ["doc_id", "version"])
             }
         return self._live
 
@@ -329,7 +324,7 @@ class DocStore:
         live = set(self.live_versions().values())
         stale = {
             row["version"]
-            for row in self._iterate(CHUNKS, "", ["version"])
+            for row in self.iterate(CHUNKS, "", ["version"])
             if row["version"] not in live
         }
         if stale:
@@ -389,7 +384,7 @@ class DocStore:
         if version is None:
             raise InputError(f"no document {doc_id!r} in {self.uri}")
         rows = list(
-            self._iterate(
+            self.iterate(
                 CHUNKS,
                 f"doc_id == {_literal(doc_id)} and version == {_literal(version)}",
                 _OUTPUT,
