@@ -45,6 +45,8 @@ def create_app(
     served_model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = 1_000_000,
+    docs_store: str | None = None,
+    max_upload_bytes: int = 50_000_000,
 ) -> FastAPI:
     """The app for one engine; several apps may share an engine (each has its own metrics)."""
     state = ServerState(
@@ -61,6 +63,7 @@ def create_app(
     app.add_middleware(AdmissionMiddleware, state=state)
     _add_error_handlers(app, state)
     _add_routes(app, state)
+    _add_web(app, state, docs_store, max_upload_bytes)
     return app
 
 
@@ -140,10 +143,11 @@ class AdmissionMiddleware:
 
     async def _read_body(self, scope, receive) -> tuple[bytes | None, Response | None]:
         """The whole body, counted as it streams in (Content-Length may be absent or lie)."""
-        limit = self.state.max_body_bytes
+        default = (self.state.max_body_bytes, "--max-body-bytes")
+        limit, option = self.state.body_limits.get((scope["method"], scope["path"]), default)
         declared = _header(scope, b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            return None, _too_large(f"request body is {int(declared)} bytes", limit)
+            return None, _too_large(f"request body is {int(declared)} bytes", limit, option)
         chunks: list[bytes] = []
         size, more = 0, True
         while more:
@@ -154,14 +158,14 @@ class AdmissionMiddleware:
             size += len(chunk)
             if size > limit:
                 # uvicorn reads and drops the rest, so the client still gets to read the 413.
-                return None, _too_large("request body is larger than that", limit)
+                return None, _too_large("request body is larger than that", limit, option)
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks), None
 
 
-def _too_large(what: str, limit: int) -> Response:
-    message = f"the limit is {limit} bytes (--max-body-bytes); {what}"
+def _too_large(what: str, limit: int, option: str = "--max-body-bytes") -> Response:
+    message = f"the limit is {limit} bytes ({option}); {what}"
     return error_response(413, message, "invalid_request_error", code="body_too_large")
 
 
@@ -285,6 +289,21 @@ def _check_model(state: ServerState, model: str | None) -> None:
             param="model",
             code="model_not_found",
         )
+
+
+# ---------------------------------------------------------------------------- web page
+
+
+def _add_web(app: FastAPI, state: ServerState, docs_store: str | None, upload_bytes: int) -> None:
+    """The page at / and the endpoints only it and apps use: documents, attention."""
+    from lmstack.docqa.web import docs_router
+    from lmstack.server.attention_api import attention_router
+    from lmstack.server.ui import add_web_page
+
+    state.body_limits[("POST", "/v1/docs")] = (upload_bytes, "--max-upload-bytes")
+    app.include_router(docs_router(state.engine, docs_store))
+    app.include_router(attention_router(state.engine))
+    add_web_page(app)
 
 
 # ---------------------------------------------------------------------------- routes

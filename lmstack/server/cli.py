@@ -54,6 +54,15 @@ def serve_command(
     max_body_bytes: int = typer.Option(
         1_000_000, "--max-body-bytes", help="Largest request body accepted (413 beyond)"
     ),
+    docs_store: str = typer.Option(
+        "./lmstack-docs.db",
+        "--docs-store",
+        envvar="LMSTACK_DOCS_STORE",
+        help="Document store for /v1/docs and /v1/ask (Milvus Lite file or milvus://host:port)",
+    ),
+    max_upload_bytes: int = typer.Option(
+        50_000_000, "--max-upload-bytes", help="Largest document upload (POST /v1/docs)"
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
@@ -65,6 +74,8 @@ def serve_command(
         raise InputError(f"--drain-timeout must be >= 0 seconds, got {drain_timeout}")
     if max_body_bytes < 1:
         raise InputError(f"--max-body-bytes must be >= 1, got {max_body_bytes}")
+    if max_upload_bytes < 1:
+        raise InputError(f"--max-upload-bytes must be >= 1, got {max_upload_bytes}")
     _setup_logging(log_level)
 
     import uvicorn
@@ -85,7 +96,8 @@ def serve_command(
     # Load before binding the port: a bad --model is a one-line error, not a live 503 server.
     engine = AsyncLLMEngine(config)
     try:
-        app = create_app(engine, served_model_name or served_name(model), api_key, max_body_bytes)
+        name = served_model_name or served_name(model)
+        app = create_app(engine, name, api_key, max_body_bytes, docs_store, max_upload_bytes)
         server_config = uvicorn.Config(
             app,
             host=host,

@@ -60,6 +60,9 @@ class ServerState:
     max_request_tokens: int  # prompt + output: the context window or the KV pool, if smaller
     draining: bool = False
     in_flight: int = 0  # /v1 requests admitted and not yet answered
+    # (method, path) -> (bytes, the option that sets it): routes that take larger bodies
+    # than --max-body-bytes, e.g. document uploads.
+    body_limits: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def room(self, prompt_tokens: int) -> int:

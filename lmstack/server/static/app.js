@@ -1,0 +1,57 @@
+// The page's entry: tabs (WAI-ARIA pattern: arrows, Home, End), the API key, each section.
+import { $ } from "./common.js";
+import { initChat } from "./chat.js";
+import { initDocs } from "./docs.js";
+import { initTriage } from "./triage.js";
+import { initMetrics } from "./metrics.js";
+import { initAttention } from "./attention.js";
+
+const shown = new Set();
+const onShow = {};
+
+function select(tab, focus = false) {
+  for (const other of document.querySelectorAll('[role="tab"]')) {
+    const on = other === tab;
+    other.setAttribute("aria-selected", String(on));
+    other.tabIndex = on ? 0 : -1;
+    $(`#${other.getAttribute("aria-controls")}`).hidden = !on;
+  }
+  const id = tab.getAttribute("aria-controls");
+  if (focus) tab.focus();
+  if (location.hash !== `#${id}`) history.replaceState(null, "", `#${id}`);
+  if (onShow[id]) onShow[id](!shown.has(id));
+  shown.add(id);
+}
+
+function initTabs() {
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  for (const tab of tabs) {
+    tab.addEventListener("click", () => select(tab));
+    tab.addEventListener("keydown", (event) => {
+      const i = tabs.indexOf(tab);
+      const next = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[event.key];
+      if (next === undefined) return;
+      event.preventDefault();
+      select(tabs[(next + tabs.length) % tabs.length], true);
+    });
+  }
+  const wanted = tabs.find((t) => `#${t.getAttribute("aria-controls")}` === location.hash);
+  select(wanted || tabs[0]);
+}
+
+function initKey() {
+  const input = $("#api-key");
+  input.value = localStorage.getItem("lmstack-api-key") || "";
+  input.addEventListener("change", () => {
+    if (input.value) localStorage.setItem("lmstack-api-key", input.value);
+    else localStorage.removeItem("lmstack-api-key");
+  });
+}
+
+initKey();
+initChat();
+onShow.docs = initDocs();
+initTriage();
+onShow.metrics = initMetrics();
+onShow.attention = initAttention();
+initTabs();
