@@ -271,3 +271,14 @@ def test_bench_command_reports_ingest_and_latency(tmp_path, capsys):
     assert set(result["latency"]) == {"hybrid", "dense", "bm25", "numpy exact dense (baseline)"}
     assert all(row["p50_ms"] > 0 for row in result["latency"].values())
     assert png.stat().st_size > 10_000 and "P50 ms" in stdout
+
+
+def test_same_doc_id_from_two_paths_is_refused(tmp_path, tokenizer):
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "notes.md").write_text(f"# Notes\n\nFrom folder {folder}.\n")
+    store, ingestor = _new_store(tmp_path, tokenizer)
+    report = ingestor.ingest([tmp_path / "one", tmp_path / "two"])
+    assert report.added == ["notes.md"]
+    assert len(report.failed) == 1 and "also comes from" in report.failed[0][1]
+    assert "folder one" in store.chunks_of("notes.md")[0].text

@@ -90,7 +90,8 @@ class Ingestor:
                 files += expand([path])
         if progress:
             progress("files_total", len(files))
-        pending: list[tuple[Document, list[ChunkRow], bool]] = []
+        pending: list[tuple[Document, list[ChunkRow], DocumentRecord | None]] = []
+        seen: dict[str, str] = {}  # doc_id -> source, for this run
         for path in files:
             try:
                 docs = read_path(
@@ -103,6 +104,12 @@ class Ingestor:
                 continue
             for doc in docs:
                 report.skipped_lines += [(str(path), line) for line in doc.skipped_lines]
+                if doc.doc_id in seen:
+                    report.failed.append(
+                        (str(path), f"doc_id {doc.doc_id!r} also comes from {seen[doc.doc_id]}")
+                    )
+                    continue
+                seen[doc.doc_id] = doc.source
                 previous = known.get(doc.doc_id)
                 fingerprint = f"{doc.content_hash}:{self.settings}"
                 if previous is not None and previous.content_hash == fingerprint:
@@ -112,7 +119,7 @@ class Ingestor:
                 if not rows:
                     report.failed.append((str(path), f"{doc.doc_id}: no text to index"))
                     continue
-                pending.append((doc, rows, previous is not None))
+                pending.append((doc, rows, previous))
                 if sum(len(r) for _, r, _ in pending) >= _EMBED_BATCH_CHUNKS:
                     self._write(pending, report, progress)
                     pending = []
@@ -141,19 +148,21 @@ class Ingestor:
         vectors = self.embedder.embed(
             texts, progress=(lambda n: progress("chunks", n)) if progress else None
         )
-        offset = 0
-        for doc, rows, existed in pending:
+        batch, offset = [], 0
+        for doc, rows, previous in pending:
             record = DocumentRecord(
                 doc_id=doc.doc_id,
                 title=doc.title,
                 source=doc.source,
                 content_hash=f"{doc.content_hash}:{self.settings}",
-                version="",
+                version=previous.version if previous else "",
                 chunks=len(rows),
                 tokens=sum(r.tokens for r in rows),
             )
-            self.store.replace(record, rows, vectors[offset : offset + len(rows)], flush=False)
+            batch.append((record, rows, vectors[offset : offset + len(rows)]))
             offset += len(rows)
-            (report.replaced if existed else report.added).append(doc.doc_id)
+        self.store.replace(batch)
+        for (record, rows, _), (_, _, previous) in zip(batch, pending):
+            (report.replaced if previous else report.added).append(record.doc_id)
             report.chunks += len(rows)
             report.tokens += record.tokens
