@@ -8,7 +8,7 @@ import re
 
 import httpx
 import pytest
-from helpers import live_server
+from helpers import live_server, make_pdf
 
 from lmstack.config import shared_data_dir
 from lmstack.server.app import create_app
@@ -176,6 +176,29 @@ def test_ask_streams_deltas_then_the_checked_answer(http, uploaded):
     # The streamed text is the model's; the final answer is it with citations checked.
     words = re.sub(r"\s*\[\d+(, \d+)*\]", "", final["answer"]).split()
     assert words[:3] == re.sub(r"\s*\[\d+(, \d+)*\]", "", "".join(deltas)).split()[:3]
+
+
+def test_pdf_hits_and_citations_carry_their_page(http, uploaded):
+    pdf = make_pdf(["Cats purr when content.", "Passkeys are phishing resistant authenticators."])
+    report = http.post("/v1/docs", files=[("files", ("pages.pdf", pdf))]).json()
+    assert report["added"] == ["pages.pdf"]
+    try:
+        hits = http.post(
+            "/v1/docs/search", json={"query": "phishing resistant passkeys", "mode": "bm25"}
+        ).json()
+        assert (hits[0]["doc_id"], hits[0]["page"]) == ("pages.pdf", 2)
+    finally:
+        assert http.delete("/v1/docs/pages.pdf").status_code == 200
+
+
+def test_the_api_key_guards_the_document_routes_but_not_the_page(engine, tmp_path):
+    app = create_app(engine, "m", api_key="sesame", docs_store=str(tmp_path / "k.db"))
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/").status_code == 200
+        assert client.get("/static/app.js").status_code == 200
+        assert error_of(client.get("/v1/docs"), 401).startswith("invalid or missing API key")
+        keyed = client.get("/v1/docs", headers={"Authorization": "Bearer sesame"})
+        assert keyed.status_code == 200 and keyed.json()["documents"] == []
 
 
 def test_delete_removes_a_document_and_names_an_unknown_one(http, uploaded):

@@ -48,7 +48,19 @@ function initKey() {
   });
 }
 
+/** /rate exists only when the server runs with --ratings-db: say so rather than link a 404. */
+async function checkRatingPage() {
+  const link = $(".rate-link");
+  try {
+    const response = await fetch("/rate", { method: "HEAD" });
+    if (response.ok) return;
+  } catch { /* the server is unreachable: every section will say so */ }
+  link.textContent = "Rate replies (serve with --ratings-db)";
+  link.setAttribute("title", "The rating page is served when lmstack serve has --ratings-db");
+}
+
 initKey();
+checkRatingPage();
 initChat();
 onShow.docs = initDocs();
 initTriage();
