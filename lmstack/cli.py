@@ -12,6 +12,7 @@ import typer
 
 import lmstack  # noqa: F401  (sets the offline environment before anything else loads)
 from lmstack import explain, textgen
+from lmstack.align.cli import align_app
 from lmstack.bench.cli import bench_app
 from lmstack.docqa.cli import ask_command, docs_app
 from lmstack.errors import LmstackError
@@ -36,6 +37,7 @@ app.add_typer(triage_app, name="triage")
 app.add_typer(plan_app, name="plan")
 app.add_typer(docs_app, name="docs")
 app.command("ask")(ask_command)
+app.add_typer(align_app, name="align")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,6 +64,9 @@ def serve_command(
         50_000_000, "--max-upload-bytes", help="Largest document upload (POST /v1/docs)"
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    ratings_db: Path | None = typer.Option(
+        None, "--ratings-db", envvar="LMSTACK_RATINGS_DB", help="Serve /rate on this ratings.db"
+    ),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, ...)."""
     from lmstack.errors import InputError
@@ -98,6 +101,10 @@ def serve_command(
     try:
         name = served_model_name or served_name(model)
         app = create_app(engine, name, api_key, max_body_bytes, docs_store, max_upload_bytes)
+        if ratings_db is not None:  # preference collection (lmstack/align): /rate, /rate/qc
+            from lmstack.align.web import rate_router
+
+            app.include_router(rate_router(ratings_db))
         server_config = uvicorn.Config(
             app,
             host=host,
