@@ -324,7 +324,7 @@ def train_reward(
 
 
 def freeze_below(model, train_layers: int) -> None:
-    """Train only the top `train_layers` decoder blocks, the final norm and the head."""
+    """Train only the top `train_layers` decoder blocks, the final norm and a reward head."""
     layers = model.model.layers
     if not 0 <= train_layers <= len(layers):
         raise InputError(f"--train-layers must be in [0, {len(layers)}], got {train_layers}")
@@ -335,7 +335,9 @@ def freeze_below(model, train_layers: int) -> None:
             p.requires_grad = True
     for p in model.model.norm.parameters():
         p.requires_grad = True
-    head = getattr(model, "score", None) or getattr(model, "lm_head", None)
+    # A reward model's new scalar head trains; a policy's LM head stays frozen: it is tied
+    # to the input embeddings (49k x 576), the largest and least useful matrix to update.
+    head = getattr(model, "score", None)
     if head is not None:
         for p in head.parameters():
             p.requires_grad = True
