@@ -154,6 +154,9 @@ def reward_train_command(
     train_layers: int | None = typer.Option(None, "--train-layers", help="Top K blocks only"),
     max_steps: int = typer.Option(-1, "--max-steps", help="Stop after N steps (smoke tests)"),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast"),
+    eval_before: bool = typer.Option(
+        True, "--eval-before/--no-eval-before", help="Validation accuracy before training"
+    ),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -182,6 +185,7 @@ def reward_train_command(
         train_layers=train_layers,
         max_steps=max_steps,
         bf16=bf16,
+        eval_before=eval_before,
         seed=seed,
         val_fraction=val_fraction,
     )

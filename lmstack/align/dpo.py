@@ -32,6 +32,7 @@ class DPOSettings:
 def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settings=None) -> dict:
     import torch
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     settings = settings or DPOSettings()
@@ -71,6 +72,8 @@ def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settin
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
+    # The printer writes each log dict to stdout, which belongs to --json output.
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     seconds = round(time.monotonic() - started, 1)
     metrics = [h for h in trainer.state.log_history if "loss" in h]
