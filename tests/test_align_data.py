@@ -271,3 +271,21 @@ def test_a_directory_that_is_not_a_reward_model_is_refused(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "is not a reward model directory" in err
+
+
+def test_ppo_and_eval_refuse_a_reward_directory_that_is_not_one(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n")
+    code, _, err = run_cli(
+        ["align", "ppo", "--reward", str(tmp_path), "--prompts", str(prompts)]
+        + ["--out", str(tmp_path / "out")],
+        capsys,
+    )
+    assert code == 2 and "is not a reward model directory" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(
+        ["align", "eval", "--a", "bundled", "--b", "bundled", "--prompts", str(prompts)]
+        + ["--judge", "reward", "--reward", str(tmp_path)],
+        capsys,
+    )
+    assert code == 2 and "is not a reward model directory" in err
