@@ -54,7 +54,10 @@ def plan_command(
         raise InputError(f"--max-tokens must be >= 1, got {max_tokens}")
     config = PlanConfig(stratify_by=stratify_by, raters=names, max_tokens=max_tokens, seed=seed)
     generator = make_generator(llm_url=llm_url, model=model)
-    summary = plan(items, out, generator, config)
+    try:
+        summary = plan(items, out, generator, config)
+    finally:
+        generator.close()
     if as_json:
         _dump(summary)
     else:
@@ -95,7 +98,10 @@ def rate_ai_command(
     rules = load_principles(principles)
     store = RatingStore(db)
     generator = make_generator(llm_url=llm_url, model=model)
-    summary = rate_ai(store, rules, generator, limit=limit)
+    try:
+        summary = rate_ai(store, rules, generator, limit=limit)
+    finally:
+        generator.close()
     _dump(summary) if as_json else typer.echo(
         f"{summary['rated']} comparisons rated by {summary['rater']}: {summary['choices']}"
     )
