@@ -67,6 +67,7 @@ def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settin
         bf16=settings.bf16,
         seed=settings.seed,
         disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL turns it on; a 135M model fits, so skip the recompute
     )
     started = time.monotonic()
     trainer = DPOTrainer(

@@ -293,6 +293,7 @@ def train_reward(
         max_length=None,  # already truncated above; never drop a pair
         disable_tqdm=True,
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL turns it on; a 135M model fits, so skip the recompute
     )
     trainer = RewardTrainer(
         model=model,
