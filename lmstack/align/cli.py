@@ -153,6 +153,7 @@ def reward_train_command(
     model: str | None = typer.Option(None, "--model", help="SFT model (default: bundled)"),
     epochs: int = typer.Option(2, "--epochs"),
     lr: float = typer.Option(1e-5, "--lr"),
+    head_lr: float = typer.Option(1e-3, "--head-lr", help="Rate of the new scalar head"),
     weight_decay: float = typer.Option(0.01, "--weight-decay"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(384, "--max-length"),
@@ -184,6 +185,7 @@ def reward_train_command(
     config = RewardConfig(
         epochs=epochs,
         lr=lr,
+        head_lr=head_lr,
         weight_decay=weight_decay,
         batch_size=batch_size,
         max_length=max_length,

@@ -33,6 +33,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 class RewardConfig:
     epochs: int = 2
     lr: float = 1e-5
+    # The scalar head starts random: at the body's 1e-5 it barely moves in 1-2 epochs of a
+    # few hundred pairs (measured: validation accuracy 0.41 on the shared pairs), so it gets
+    # its own rate. None: the body's rate.
+    head_lr: float | None = 1e-3
     weight_decay: float = 0.01
     batch_size: int = 8
     max_length: int = 384
@@ -295,7 +299,18 @@ def train_reward(
         dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL turns it on; a 135M model fits, so skip the recompute
     )
+    optimizers = (None, None)
+    if not config.lora and config.head_lr is not None:
+        head = [p for n, p in model.named_parameters() if n.startswith("score.")]
+        body = [
+            p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("score.")
+        ]
+        groups = [{"params": head, "lr": config.head_lr}]
+        if body:
+            groups.append({"params": body, "lr": config.lr})
+        optimizers = (torch.optim.AdamW(groups, weight_decay=config.weight_decay), None)
     trainer = RewardTrainer(
+        optimizers=optimizers,
         model=model,
         args=args,
         train_dataset=rows(train_pairs),
