@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from lmstack.errors import InputError
+from lmstack.server.sse import DONE, SSEResponse, error_event
 
 DEFAULT_STORE = "./lmstack-docs.db"
 MAX_UPLOAD_FILES = 100
@@ -203,8 +204,7 @@ class DocsService:
 
 
 def docs_router(async_engine, store: str | None = None) -> APIRouter:
-    from lmstack.server.app import _parse
-    from lmstack.server.sse import DONE, SSEResponse, error_event
+    from lmstack.server.app import _parse  # here: app.py imports this module
     from lmstack.server.state import APIError
 
     service = DocsService(async_engine, store or default_store())
@@ -248,12 +248,12 @@ def docs_router(async_engine, store: str | None = None) -> APIRouter:
             answer = await run_in_threadpool(service.ask, body)
             return answer.as_json()
         gone = threading.Event()
-        return SSEResponse(_answer_events(service, body, gone, DONE, error_event), gone.set)
+        return SSEResponse(_answer_events(service, body, gone), gone.set)
 
     return router
 
 
-async def _answer_events(service: DocsService, body: AskRequest, gone, done: str, error_event):
+async def _answer_events(service: DocsService, body: AskRequest, gone: threading.Event):
     """The answer's text as it is generated, then the checked answer with its citations."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -282,6 +282,6 @@ async def _answer_events(service: DocsService, body: AskRequest, gone, done: str
                 continue
             yield f"data: {json.dumps(value)}\n\n" if kind == "answer" else error_event(value)
             break
-        yield done
+        yield DONE
     finally:
         gone.set()
