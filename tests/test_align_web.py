@@ -7,37 +7,20 @@ CI=true, where it fails. The screenshot goes to test-artifacts/.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import live_server
+from helpers import chromium, live_server
 
 from lmstack.align.ratings import Comparison, RatingStore
 from lmstack.align.web import rate_router
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-
-
-def _missing(why: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why}: CI must run the browser tests (.ci/run installs chromium)")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +68,9 @@ def server(ratings):
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("the playwright package is not installed (pip install -e '.[dev]')")
-    if not CHROMIUM.exists():
-        _missing(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as launched:  # skips without a browser; fails under CI=true
         yield launched
-        launched.close()
 
 
 def _rows(path):
