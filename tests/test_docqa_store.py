@@ -282,3 +282,14 @@ def test_same_doc_id_from_two_paths_is_refused(tmp_path, tokenizer):
     assert report.added == ["notes.md"]
     assert len(report.failed) == 1 and "also comes from" in report.failed[0][1]
     assert "folder one" in store.chunks_of("notes.md")[0].text
+
+
+def test_embeddings_do_not_depend_on_what_was_embedded_before():
+    """Nothing from an earlier call (tokenizer truncation state, batch make-up) leaks into
+    a later vector: the same text embeds the same alone, after others, or in a batch."""
+    embedder = Embedder.shared()
+    text = "Authenticator assurance levels " * 120
+    alone = embedder.embed([text])[0]
+    embedder.embed(["short text", "another short text"])
+    batched = embedder.embed(["x", text, "a medium length sentence about passwords"])[1]
+    assert float(alone @ batched) > 0.99999
