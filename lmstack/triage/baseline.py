@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from lmstack.triage.validate import allowed_urgencies
+from lmstack.triage.wordvote import vocabularies, vote
 
 KEYWORDS = {
     "Billing": "bill billing invoice invoices payment payments pay paid charge charged refund "
@@ -25,15 +26,13 @@ KEYWORDS = {
     "Other": "newsletter feedback review complaint contact agent human customer service "
     "subscribe unsubscribe thanks",
 }
-_VOCAB = {cat: frozenset(words.split()) for cat, words in KEYWORDS.items()}
+_VOCAB = vocabularies(KEYWORDS)
 _WORD = re.compile(r"[a-zA-Zñéèçäöüß-]+")
 
 
 def keyword_category(text: str) -> str:
-    words = [w.lower() for w in _WORD.findall(text)]
-    scores = {cat: sum(w in vocab for w in words) for cat, vocab in _VOCAB.items()}
-    best = max(scores, key=lambda cat: scores[cat])
-    return best if scores[best] > 0 else "Other"
+    best, scores = vote(text, _WORD, _VOCAB)
+    return best if best is not None and scores[best] > 0 else "Other"
 
 
 def keyword_urgency(text: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from lmstack.triage.wordvote import vocabularies, vote
+
 _WORDS = {
     "English": "the and is are to of my i you it not have was for with this that your please",
     "Spanish": "el la los las de que y en un una es no mi por para con pero mi pedido hola "
@@ -18,16 +20,14 @@ _WORDS = {
     "German": "der die das und ist ich nicht mein meine ein eine zu mit für aber sie hallo "
     "danke bestellung konto habe bitte den dem",
 }
-_VOCAB = {lang: frozenset(words.split()) for lang, words in _WORDS.items()}
+_VOCAB = vocabularies(_WORDS)
 _TOKEN = re.compile(r"[a-zA-ZÀ-ÿ]+")
 
 
 def detect_language(text: str) -> str:
-    words = [w.lower() for w in _TOKEN.findall(text)]
-    if not words:
+    best, scores = vote(text, _TOKEN, _VOCAB)
+    if best is None:
         return "English"
-    scores = {lang: sum(w in vocab for w in words) for lang, vocab in _VOCAB.items()}
-    best = max(scores, key=lambda lang: scores[lang])
     # Ties and near-ties go to English: short tickets share words like "a" and "no".
     if best != "English" and scores[best] < max(2, scores["English"] + 1):
         return "English"
