@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmstack.align.data import Pair
-from lmstack.align.ppo import load_policy, save_policy
+from lmstack.align.policy import load_policy, save_policy
+from lmstack.align.reward import PAD_TOKEN
+from lmstack.align.trl_args import shared_trainer_args, silence, trainer_scratch
 from lmstack.errors import InputError
 
 
@@ -30,9 +32,7 @@ class DPOSettings:
 
 
 def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settings=None) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     settings = settings or DPOSettings()
@@ -42,7 +42,7 @@ def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settin
         raise InputError(f"--beta must be > 0, got {settings.beta}")
     out_dir = Path(out_dir)
     model, tokenizer, base = load_policy(policy)
-    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.pad_token = PAD_TOKEN
     rows = [
         {
             "prompt": p.prompt,
@@ -52,7 +52,6 @@ def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settin
         for p in pairs
     ]
     args = DPOConfig(
-        output_dir=str(out_dir / ".trainer"),
         beta=settings.beta,
         learning_rate=settings.lr,
         num_train_epochs=settings.epochs,
@@ -60,26 +59,22 @@ def train_dpo(policy: str | Path, pairs: list[Pair], out_dir: str | Path, settin
         per_device_train_batch_size=settings.batch_size,
         max_length=settings.max_length,
         truncation_mode="keep_start",
-        save_strategy="no",
-        logging_steps=5,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=settings.bf16,
-        seed=settings.seed,
-        disable_tqdm=True,
-        gradient_checkpointing=False,  # TRL turns it on; a 135M model fits, so skip the recompute
+        **shared_trainer_args(out_dir, settings.bf16, settings.seed),
     )
     started = time.monotonic()
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    trainer = silence(
+        DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
     )
-    # The printer writes each log dict to stdout, which belongs to --json output.
-    trainer.remove_callback(PrinterCallback)
     trainer.train()
     seconds = round(time.monotonic() - started, 1)
     metrics = [h for h in trainer.state.log_history if "loss" in h]
     save_policy(trainer.model, base, out_dir)
-    shutil.rmtree(out_dir / ".trainer", ignore_errors=True)
+    shutil.rmtree(trainer_scratch(out_dir), ignore_errors=True)
     return {
         "pairs": len(pairs),
         "seconds": seconds,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmstack.align.data import Pair
+from lmstack.align.trl_args import shared_trainer_args, silence, trainer_scratch
 from lmstack.errors import InputError, ModelLoadError
 
 # Padding must not be a token that occurs in the text: the head reads the last non-pad
@@ -201,7 +202,6 @@ def train_reward(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
@@ -280,7 +280,6 @@ def train_reward(
             return control
 
     args = TRLRewardConfig(
-        output_dir=str(out_dir / ".trainer"),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         learning_rate=config.lr,
@@ -288,16 +287,8 @@ def train_reward(
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         eval_strategy="no",
-        save_strategy="no",
-        logging_steps=5,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=config.bf16,
-        seed=config.seed,
         max_length=None,  # already truncated above; never drop a pair
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,  # TRL turns it on; a 135M model fits, so skip the recompute
+        **shared_trainer_args(out_dir, config.bf16, config.seed),
     )
     optimizers = (None, None)
     if not config.lora and config.head_lr is not None:
@@ -309,17 +300,17 @@ def train_reward(
         if body:
             groups.append({"params": body, "lr": config.lr})
         optimizers = (torch.optim.AdamW(groups, weight_decay=config.weight_decay), None)
-    trainer = RewardTrainer(
-        optimizers=optimizers,
-        model=model,
-        args=args,
-        train_dataset=rows(train_pairs),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[EpochEval()],
+    trainer = silence(
+        RewardTrainer(
+            optimizers=optimizers,
+            model=model,
+            args=args,
+            train_dataset=rows(train_pairs),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[EpochEval()],
+        )
     )
-    # The printer writes each log dict to stdout, which belongs to --json output.
-    trainer.remove_callback(PrinterCallback)
     trainer.train()
     trained = trainer.model
     if best["state"] is not None:
@@ -328,7 +319,7 @@ def train_reward(
         trained = trained.merge_and_unload()
     seconds = time.monotonic() - started
     save_reward_model(trained, tokenizer, out_dir, base)
-    shutil.rmtree(out_dir / ".trainer", ignore_errors=True)
+    shutil.rmtree(trainer_scratch(out_dir), ignore_errors=True)
     # The saved weights are the best epoch's, so its validation accuracy is the final one.
     hits = round(best["accuracy"] * len(val_pairs))
     low, high = wilson_interval(hits, len(val_pairs))
