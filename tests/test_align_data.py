@@ -13,7 +13,7 @@ from helpers import run_cli
 from lmstack.align.collect import PlanConfig, assign_raters, plan_comparisons, split_prompts
 from lmstack.align.data import PromptItem, load_pairs, load_prompts, parse_hh
 from lmstack.align.evaluate import distinct_n, sign_test_p
-from lmstack.align.ppo import adapt_beta, gae, pearson
+from lmstack.align.ppo_math import adapt_beta, gae, pearson
 from lmstack.align.qc import cohen_kappa, qc_report
 from lmstack.align.ratings import AuthError, Comparison, NotFoundError, RatingStore
 from lmstack.align.reward import check_reward_dir, wilson_interval
@@ -248,6 +248,12 @@ def test_adaptive_kl_rule_and_gae():
     assert adapt_beta(0.1, 3.1, 2.0) == pytest.approx(0.15)
     assert adapt_beta(0.1, 1.3, 2.0) == pytest.approx(0.1 / 1.5)
     assert adapt_beta(0.1, 2.5, 2.0) == 0.1
+    # The floor holds beta up through a long quiet start, and the climb starts from it.
+    beta = 0.05
+    for _ in range(20):
+        beta = adapt_beta(beta, 0.0, 2.0, floor=0.01)
+    assert beta == 0.01
+    assert adapt_beta(beta, 3.5, 2.0, floor=0.01) == pytest.approx(0.015)
     rewards = torch.tensor([[0.0, 0.0, 1.0]])
     values = torch.zeros(1, 3)
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding

@@ -286,7 +286,10 @@ def ppo_command(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
     init_beta: float = typer.Option(0.05, "--beta", help="Initial KL coefficient (0.01-0.1)"),
     kl_target: float = typer.Option(2.0, "--kl-target", help="Target mean KL (nats/response)"),
-    kl_stop: float = typer.Option(8.0, "--kl-stop", help="Hard stop above this mean KL"),
+    beta_min: float = typer.Option(0.01, "--beta-min", help="Floor of the adaptive KL coefficient"),
+    kl_stop: float = typer.Option(
+        4.0, "--kl-stop", help="Hard stop above this mean KL; the update that crossed it is undone"
+    ),
     entropy_coef: float = typer.Option(0.01, "--entropy-coef"),
     length_penalty: float = typer.Option(0.0, "--length-penalty", help="Reward per token"),
     train_layers: int | None = typer.Option(None, "--train-layers", help="Top K blocks only"),
@@ -311,6 +314,7 @@ def ppo_command(
         lr=lr,
         max_new_tokens=max_new_tokens,
         init_beta=init_beta,
+        beta_min=beta_min,
         kl_target=kl_target,
         kl_stop=kl_stop,
         entropy_coef=entropy_coef,
