@@ -157,6 +157,12 @@ def reward_train_command(
     weight_decay: float = typer.Option(0.01, "--weight-decay"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(384, "--max-length"),
+    method: str = typer.Option(
+        "trl", "--method", help="trl: fine-tune with RewardTrainer; head: fit on frozen features"
+    ),
+    depths: str | None = typer.Option(None, "--depths", help="head: blocks to try, e.g. 8,16"),
+    l2: str = typer.Option("1,10,100", "--l2", help="head: L2 strengths to try"),
+    folds: int = typer.Option(5, "--folds", help="head: cross-validation folds (train only)"),
     lora: bool = typer.Option(False, "--lora", help="LoRA instead of full fine-tune"),
     train_layers: int | None = typer.Option(None, "--train-layers", help="Top K blocks only"),
     max_steps: int = typer.Option(-1, "--max-steps", help="Stop after N steps (smoke tests)"),
@@ -167,7 +173,8 @@ def reward_train_command(
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Bradley-Terry reward model on the SFT model, validation accuracy every epoch."""
+    """Bradley-Terry reward model on the SFT model: fine-tuned with TRL (--method trl), or a
+    head on the frozen body with depth and L2 chosen by cross-validation (--method head)."""
     from lmstack.align.data import load_pairs
     from lmstack.align.reward import RewardConfig, split_pairs, train_reward
 
@@ -182,23 +189,38 @@ def reward_train_command(
         _echo_report(val_report)
     else:
         train, val = split_pairs(train, val_fraction, seed)
-    config = RewardConfig(
-        epochs=epochs,
-        lr=lr,
-        head_lr=head_lr,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        max_length=max_length,
-        lora=lora,
-        train_layers=train_layers,
-        max_steps=max_steps,
-        bf16=bf16,
-        eval_before=eval_before,
-        seed=seed,
-        val_fraction=val_fraction,
-    )
     log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
-    result = train_reward(train, val, out, model, config, log=log)
+    if method == "head":
+        from lmstack.align.reward_head import HeadConfig, fit_reward_head
+
+        head_config = HeadConfig(
+            max_length=max_length,
+            depths=_numbers(depths, int, "--depths") if depths else None,
+            l2s=_numbers(l2, float, "--l2"),
+            folds=folds,
+            bf16=bf16,
+            seed=seed,
+        )
+        result = fit_reward_head(train, val, out, model, head_config, log=log)
+    elif method == "trl":
+        config = RewardConfig(
+            epochs=epochs,
+            lr=lr,
+            head_lr=head_lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            max_length=max_length,
+            lora=lora,
+            train_layers=train_layers,
+            max_steps=max_steps,
+            bf16=bf16,
+            eval_before=eval_before,
+            seed=seed,
+            val_fraction=val_fraction,
+        )
+        result = train_reward(train, val, out, model, config, log=log)
+    else:
+        raise InputError(f"--method must be trl or head, got {method!r}")
     if as_json:
         _dump(result)
     else:
@@ -209,11 +231,20 @@ def reward_train_command(
         )
 
 
+def _numbers(text: str, kind, option: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InputError(f"{option} takes comma-separated numbers, got {text!r}") from exc
+
+
 @reward_app.command("eval")
 def reward_eval_command(
     model: Path = typer.Option(..., "--model", help="Reward model directory"),
     pairs: Path = typer.Option(..., "--pairs", help="Preference pairs"),
-    max_length: int = typer.Option(512, "--max-length"),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Default: the length the model was trained with"
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Pairwise accuracy: how often the chosen reply scores above the rejected one."""
