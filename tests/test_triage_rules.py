@@ -22,12 +22,15 @@ from lmstack.triage.prompt import (
     truncate_middle,
 )
 from lmstack.triage.schema import (
+    REPLY_OPENERS,
     REPLY_PATTERN,
     Entities,
     Ticket,
     TriageOutput,
     TriageRecord,
     output_schema,
+    reply_pattern,
+    split_sentences,
 )
 from lmstack.triage.validate import allowed_urgencies, parse_output, validate
 
@@ -112,6 +115,66 @@ def test_schema_compiles_for_the_engine_grammar():
 )
 def test_reply_pattern_counts_sentences(reply, ok):
     assert bool(re.match(REPLY_PATTERN, reply)) is ok
+
+
+def test_a_repeat_glued_on_without_a_space_is_still_a_repeat():
+    # "Thanks.We ..." used to count as one sentence, so the repeat went unnoticed.
+    glued = (
+        "We are sorry for the trouble with your account.We are sorry for the trouble "
+        "with your account. Premium access is active again. Thank you for your patience."
+    )
+    assert split_sentences(glued)[:2] == [
+        "We are sorry for the trouble with your account.",
+        "We are sorry for the trouble with your account.",
+    ]
+    errors = validate(good_output(suggested_response=glued), ISSUE_TICKET.text)
+    assert "suggested_response repeats a sentence; write each sentence once" in errors
+    # The schema cannot produce the glued form at all; e-mails and prices still fit inside.
+    assert not re.match(REPLY_PATTERN, glued)
+    assert split_sentences("Mail john.doe@email.com now. It is $9.99 today.") == [
+        "Mail john.doe@email.com now.",
+        "It is $9.99 today.",
+    ]
+
+
+@pytest.mark.parametrize(
+    "language, reply, ok",
+    [
+        ("Spanish", "Lamentamos que su pedido no haya llegado. Lo revisamos hoy. Gracias.", False),
+        (
+            "Spanish",
+            "Lamentamos que su pedido no haya llegado. Lo revisamos hoy mismo. Gracias por "
+            "su paciencia.",
+            True,
+        ),
+        (
+            "Spanish",
+            "We are sorry that your order has not arrived. We are checking it today. Thank "
+            "you for waiting.",
+            False,
+        ),
+        (
+            "German",
+            "Es tut uns leid, dass Ihr Konto gesperrt ist. Wir haben es entsperrt. Bitte "
+            "melden Sie sich erneut an.",
+            True,
+        ),
+        ("French", "Hello there, we will look into this. It ships soon. Thanks a lot.", False),
+        (None, "Hello there, we will look into this. It ships soon. Thanks a lot.", True),
+    ],
+)
+def test_reply_opens_in_the_tickets_language(language, reply, ok):
+    assert bool(re.match(reply_pattern(language), reply)) is ok
+
+
+def test_language_schemas_compile_for_the_engine_grammar():
+    import llguidance
+
+    for language in REPLY_OPENERS:
+        schema = output_schema(candidates(ISSUE_TICKET.text), reply_language=language)
+        assert schema["properties"]["suggested_response"]["pattern"] == reply_pattern(language)
+        assert llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    assert output_schema()["properties"]["suggested_response"]["pattern"] == REPLY_PATTERN
 
 
 def test_validator_accepts_a_good_record():
