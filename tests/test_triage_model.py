@@ -17,7 +17,7 @@ from helpers import live_server, run_cli
 from lmstack.triage import Ticket, TriageConfig, Triager
 from lmstack.triage.grounding import ungrounded
 from lmstack.triage.languages import detect_language
-from lmstack.triage.schema import TriageOutput, split_sentences
+from lmstack.triage.schema import REPLY_OPENERS, TriageOutput, split_sentences
 
 ISSUE = Ticket(
     id="issue",
@@ -64,7 +64,11 @@ def generator():
 
 @pytest.fixture(scope="module")
 def triager(generator):
-    return Triager(generator, TriageConfig(max_retries=2, use_examples=False))
+    # The shipped configuration: adapter, no examples, the classifier narrowing the category.
+    from lmstack.triage.classifier import shipped_classifier
+
+    config = TriageConfig(max_retries=2, use_examples=False, classifier=shipped_classifier())
+    return Triager(generator, config)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +109,11 @@ def test_spanish_ticket_gets_english_fields_and_the_reply_language_is_enforced(r
     assert_schema_valid(record, SPANISH)
     assert record.entities.order_number == "90817263"  # "mi pedido 90817263": a labelled span
     assert detect_language(record.key_issue) == "English"
-    # The 135M model often answers in English; the validator must then refuse the record.
-    if detect_language(record.suggested_response) != "Spanish":
-        assert not record.valid
-        assert "suggested_response must be written in Spanish" in " ".join(record.errors)
+    # Left free, the 135M model answered most such tickets in English; the reply pattern now
+    # makes it open in Spanish, and it stays there.
+    assert record.suggested_response.startswith(REPLY_OPENERS["Spanish"])
+    assert detect_language(record.suggested_response) == "Spanish", record.suggested_response
+    assert "must be written in" not in " ".join(record.errors)
 
 
 def test_ticket_longer_than_the_context_is_cut_in_the_middle(results, generator):

@@ -81,7 +81,14 @@ def entity_scores(golds: list[Gold], records: list[TriageRecord]) -> dict:
     return result
 
 
-def evaluate(golds: list[Gold], records: list[TriageRecord], wall_s: float | None = None) -> dict:
+def evaluate(
+    golds: list[Gold],
+    records: list[TriageRecord],
+    wall_s: float | None = None,
+    other_categories: dict[str, list[str]] | None = None,
+) -> dict:
+    """The model's metrics, the keyword baseline's, and category scores of any
+    `other_categories` predictors on the same tickets (e.g. the classifier alone)."""
     n = len(golds)
     pred_cat = [r.category for r in records]
     pred_urg = [r.urgency for r in records]
@@ -115,11 +122,19 @@ def evaluate(golds: list[Gold], records: list[TriageRecord], wall_s: float | Non
         "category_macro_f1": macro_f1(gold_cat, base_cat),
         "urgency_accuracy": accuracy(gold_urg, base_urg),
     }
+    others = {
+        name: {
+            "category_accuracy": accuracy(gold_cat, predicted),
+            "category_macro_f1": macro_f1(gold_cat, predicted),
+        }
+        for name, predicted in (other_categories or {}).items()
+    }
     return {
         "tickets": n,
         "gold_categories": dict(Counter(c for c in gold_cat if c)),
         "model": model,
         "keyword_baseline": baseline,
+        "others": others,
         "confusion": confusion(gold_cat, pred_cat),
     }
 

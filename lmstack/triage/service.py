@@ -5,7 +5,8 @@ Request: {"subject": "...", "body": "...", "id": "..."} for one ticket, or
 "max_retries". Response: one record, or {"records": [...]}; records are the CLI's JSONL
 objects. The triage code is synchronous, so the route runs it in a worker thread; the
 generator wraps the server's AsyncLLMEngine, so triage requests share the continuous batch
-with chat traffic.
+with chat traffic. The shipped category classifier narrows the category as it does on the
+CLI.
 """
 
 from __future__ import annotations
@@ -41,21 +42,29 @@ class TriageService:
     def __init__(self, async_engine):
         self.async_engine = async_engine
         self._generator = None
+        self._classifier = None
         self._lock = threading.Lock()
 
     def _triager(self, max_retries: int):
         from lmstack.llm import EngineGenerator
+        from lmstack.triage.classifier import shipped_classifier
         from lmstack.triage.prompt import load_examples
         from lmstack.triage.triage import TriageConfig, Triager
 
         with self._lock:
             if self._generator is None:
                 self._generator = EngineGenerator(self.async_engine)
+                self._classifier = shipped_classifier()
         model = str(self.async_engine.engine.config.model)
         # A model merged from the triage adapter was trained without examples in the prompt.
         tuned = (Path(model) / "triage_adapter.json").is_file()
         examples = [] if tuned else load_examples()
-        config = TriageConfig(max_retries=max_retries, examples=examples, use_examples=not tuned)
+        config = TriageConfig(
+            max_retries=max_retries,
+            examples=examples,
+            use_examples=not tuned,
+            classifier=self._classifier,  # the CLI's default: narrows the category enum
+        )
         return Triager(self._generator, config)
 
     def handle(self, request: TriageRequest) -> dict:

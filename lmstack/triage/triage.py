@@ -9,6 +9,11 @@ valid and its entities are spans of the ticket. A retry repeats the conversation
 previous answer and the validator's errors; when an error names the allowed urgencies the
 retry's schema offers only those, so a rule the model keeps missing cannot survive the
 last attempt. Tickets that do not fit the context are cut in the middle, with a warning.
+
+With a category classifier (classifier.py), the schema's `category` enum holds only the
+classes that cover `category_coverage` of the classifier's probability: one class when it
+is sure, so the label is the classifier's; several when it is not, and the language model
+chooses among them. All tickets of a batch are embedded together, before any decoding.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmstack.errors import InputError
 from lmstack.llm import ChatRequest, Completion, Generator
 from lmstack.triage.grounding import candidates
 from lmstack.triage.languages import detect_language
 from lmstack.triage.prompt import Example, build_messages, load_examples, truncate_middle
-from lmstack.triage.schema import URGENCIES, Ticket, TriageRecord, output_schema
+from lmstack.triage.schema import CATEGORIES, URGENCIES, Ticket, TriageRecord, output_schema
 from lmstack.triage.validate import allowed_urgencies, parse_output, validate
+
+if TYPE_CHECKING:
+    from lmstack.triage.classifier import CategoryClassifier
 
 MAX_TICKET_CHARS = 200_000  # beyond this a "ticket" is a file pasted by mistake
 MAX_OUTPUT_TOKENS = 640  # the schema's patterns bound the JSON to about 450 tokens
@@ -36,6 +45,8 @@ class TriageConfig:
     examples: list[Example] | None = None  # None: the shipped examples
     use_examples: bool = True
     timeout: float | None = None
+    classifier: CategoryClassifier | None = None  # None: the language model decides
+    category_coverage: float = 0.9  # see CategoryClassifier.plausible
 
 
 @dataclass
@@ -52,6 +63,7 @@ class _Job:
     feedback: list[str] | None = None
     previous: str | None = None
     urgencies: tuple[str, ...] | None = None
+    categories: tuple[str, ...] = CATEGORIES
 
 
 class Triager:
@@ -60,6 +72,10 @@ class Triager:
         self.config = config or TriageConfig()
         if self.config.max_retries < 0:
             raise InputError(f"--max-retries must be >= 0, got {self.config.max_retries}")
+        if not 0.0 <= self.config.category_coverage <= 1.0:
+            raise InputError(
+                f"--category-coverage must be in [0, 1], got {self.config.category_coverage}"
+            )
         if self.config.examples is None and self.config.use_examples:
             self.config.examples = load_examples()
         self.examples = self.config.examples if self.config.use_examples else []
@@ -77,6 +93,7 @@ class Triager:
         """All tickets in flight together; each retry round batches the tickets that need it."""
         jobs = [self._job(i, t) for i, t in enumerate(tickets)]
         pending = [job for job in jobs if job.record.errors == []]
+        self._narrow_categories(pending)
         for job in jobs:
             if job.record.errors and on_done:
                 on_done(job.index, job.record)
@@ -128,6 +145,14 @@ class Triager:
         language = detect_language(text) if text else "English"
         return _Job(index, ticket, text, language, candidates(text) if text else {}, record)
 
+    def _narrow_categories(self, jobs: list[_Job]) -> None:
+        classifier = self.config.classifier
+        if classifier is None or not jobs:
+            return
+        probs = classifier.predict_proba([job.text for job in jobs])
+        for job, row in zip(jobs, probs):
+            job.categories = classifier.plausible(row, self.config.category_coverage)
+
     def _fit(self, text: str) -> tuple[str, int]:
         """Cut the ticket's middle so prompt + answer (+ one retry turn) fit the window."""
         overhead = self.generator.prompt_tokens(build_messages("", self.examples, "English"))
@@ -139,7 +164,12 @@ class Triager:
     def _request(self, job: _Job) -> ChatRequest:
         language = job.language if job.language != "English" else None
         messages = build_messages(job.text, self.examples, language, job.feedback, job.previous)
-        schema = output_schema(job.candidates, urgencies=job.urgencies or URGENCIES)
+        schema = output_schema(
+            job.candidates,
+            categories=job.categories,
+            urgencies=job.urgencies or URGENCIES,
+            reply_language=language,
+        )
         return ChatRequest(
             messages=messages,
             max_tokens=self.config.max_tokens,

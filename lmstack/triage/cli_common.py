@@ -1,0 +1,169 @@
+"""What the `lmstack triage` commands share: the app, the triager options, batching.
+
+The options that choose and configure the triager (--model, --dtype, --llm-url,
+--max-retries, --examples, --no-examples, --category-coverage, --no-classifier) are declared
+once, in `TRIAGER_OPTIONS`; a command decorated with `@with_triager_options` gets all of
+them on its command line and receives them as one `TriagerOptions` argument, which
+`make_triager` turns into a Triager.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import typer
+from typer.core import TyperGroup
+
+from lmstack.errors import InputError
+from lmstack.triage.classifier import DEFAULT_COVERAGE
+
+
+class _DefaultRun(TyperGroup):
+    """A group whose unknown first word (a FILE, an option) goes to the `run` command."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+triage_app = typer.Typer(
+    cls=_DefaultRun,
+    help="Support-ticket triage: category, urgency, entities, summary and reply as JSON.",
+)
+
+BATCH = 128  # tickets in flight at once: below the engine's waiting-queue bound
+
+
+@dataclass
+class TriagerOptions:
+    model: str | None = None
+    dtype: str = "bfloat16"
+    llm_url: str | None = None
+    max_retries: int = 2
+    examples: str | None = None
+    no_examples: bool = False
+    category_coverage: float = DEFAULT_COVERAGE
+    no_classifier: bool = False
+
+
+TRIAGER_OPTIONS = {
+    "model": typer.Option(
+        None, "--model", help="HF dir or 'bundled' (default: bundled + the shipped triage adapter)"
+    ),
+    "dtype": typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or int8"),
+    "llm_url": typer.Option(None, "--llm-url", help="Use an OpenAI-compatible server instead"),
+    "max_retries": typer.Option(2, "--max-retries", help="Retries with the validator's errors"),
+    "examples": typer.Option(
+        None, "--examples", help="Few-shot examples JSONL (default: shipped ones, base model only)"
+    ),
+    "no_examples": typer.Option(False, "--no-examples", help="No few-shot examples"),
+    "category_coverage": typer.Option(
+        DEFAULT_COVERAGE,
+        "--category-coverage",
+        help="The category enum keeps the classifier's top classes until they hold this much "
+        "probability (0: the classifier decides alone; 1: every class)",
+    ),
+    "no_classifier": typer.Option(
+        False, "--no-classifier", help="No category classifier: the language model decides"
+    ),
+}
+
+
+def with_triager_options(command):
+    """Add TRIAGER_OPTIONS to `command`'s CLI; it receives them as `options: TriagerOptions`."""
+    hints = typing.get_type_hints(command)
+    own = [
+        p.replace(annotation=hints.get(p.name, p.annotation))
+        for p in inspect.signature(command).parameters.values()
+        if p.name != "options"
+    ]
+    names = [f.name for f in fields(TriagerOptions)]
+    option_hints = typing.get_type_hints(TriagerOptions)
+    added = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=TRIAGER_OPTIONS[name],
+            annotation=option_hints[name],
+        )
+        for name in names
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = TriagerOptions(**{name: kwargs.pop(name) for name in names})
+        return command(*args, options=options, **kwargs)
+
+    params = own + added
+    wrapper.__signature__ = inspect.Signature(params, return_annotation=None)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typer must see the new signature, not the original's
+    return wrapper
+
+
+def make_triager(options: TriagerOptions | None = None, few_shot: bool | None = None):
+    """A Triager with the best shipped configuration unless the options say otherwise."""
+    from lmstack.llm import make_generator
+    from lmstack.triage.adapter import adapter_info, triage_model
+    from lmstack.triage.classifier import shipped_classifier
+    from lmstack.triage.prompt import load_examples
+    from lmstack.triage.triage import TriageConfig, Triager
+
+    o = options or TriagerOptions()
+    if o.max_retries < 0:
+        raise InputError(f"--max-retries must be >= 0, got {o.max_retries}")
+    if not 0.0 <= o.category_coverage <= 1.0:
+        raise InputError(f"--category-coverage must be in [0, 1], got {o.category_coverage}")
+    model = o.model
+    if o.llm_url:
+        generator = make_generator(llm_url=o.llm_url, model=model)
+        tuned = False
+    else:
+        if model is None:
+            merged = triage_model()
+            model, tuned = (str(merged), True) if merged else ("bundled", False)
+        else:
+            tuned = (Path(model) / "triage_adapter.json").is_file()
+        generator = make_generator(model=model, dtype=o.dtype, num_kv_tokens=32768)
+    if few_shot is None:
+        # The adapter was trained zero-shot; the base model needs the examples.
+        few_shot = (adapter_info() or {}).get("few_shot", False) if tuned else True
+    use_examples = bool(o.examples) or (few_shot and not o.no_examples)
+    config = TriageConfig(
+        max_retries=o.max_retries,
+        examples=load_examples(o.examples) if use_examples else [],
+        use_examples=use_examples,
+        classifier=None if o.no_classifier else shipped_classifier(),
+        category_coverage=o.category_coverage,
+    )
+    return Triager(generator, config)
+
+
+def progress_bar(label: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        f"[bold]{label}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+def triage_in_batches(triager, tickets, label: str = "triage"):
+    """All tickets through the engine, BATCH at a time, with a progress bar on stderr."""
+    records = []
+    with progress_bar(label) as bar:
+        task = bar.add_task(label, total=len(tickets))
+        for start in range(0, len(tickets), BATCH):
+            chunk = tickets[start : start + BATCH]
+            records += triager.triage_many(chunk, on_done=lambda i, r: bar.advance(task))
+    return records
