@@ -145,7 +145,7 @@ def test_pipeline_plan_rate_reward_ppo_serve_evaluate(tmp_path, capsys):
     for record in log:
         for key in ("reward_mean", "reward_std", "kl", "beta", "entropy", "response_length"):
             assert isinstance(record[key], float), key
-        assert "reward_length_corr" in record
+        assert "reward_length_corr" in record and record["score_scale"] > 0
     assert log[0]["kl"] == pytest.approx(0.0, abs=0.05)  # the policy starts as the reference
     assert ppo["beta_trajectory"][1] == pytest.approx(0.05 / 1.5, rel=1e-3)  # KL < target/1.5
     assert (policy / "ppo_curves.png").stat().st_size > 10_000

@@ -41,6 +41,9 @@ def ppo_command(
     ),
     entropy_coef: float = typer.Option(0.01, "--entropy-coef"),
     length_penalty: float = typer.Option(0.0, "--length-penalty", help="Reward per token"),
+    scale_scores: bool = typer.Option(
+        True, "--scale-scores/--raw-scores", help="Divide scores by their running std"
+    ),
     train_layers: int | None = typer.Option(None, "--train-layers", help="Top K blocks only"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json"),
@@ -68,6 +71,7 @@ def ppo_command(
         kl_stop=kl_stop,
         entropy_coef=entropy_coef,
         length_penalty=length_penalty,
+        scale_scores=scale_scores,
         train_layers=train_layers,
         seed=seed,
     )

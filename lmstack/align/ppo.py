@@ -5,8 +5,10 @@ loop data-parallel on several GPUs; on one CPU it is a plain loop with bf16 auto
 
 One step:
 1. Rollouts: the policy samples a reply to each prompt of the batch (`policy.PolicyRunner`).
-2. Scores: the reward model scores each (prompt, reply); an optional length penalty
-   subtracts `length_penalty` per reply token.
+2. Scores: the reward model scores each (prompt, reply), divided by the running standard
+   deviation of every score so far (`scale_scores`), so beta and the KL target mean the same
+   whatever scale the reward model has; an optional length penalty subtracts
+   `length_penalty` per reply token. Logged rewards are the reward model's own scores.
 3. Per-token rewards: -beta * (log pi(t) - log pi_ref(t)) at every reply token, plus the
    score at the last one. Mean KL is the per-reply sum of that log-ratio, averaged.
 4. Values from a linear value head on the policy's last hidden state; advantages by GAE
@@ -72,6 +74,7 @@ class PPOConfig:
     vf_coef: float = 0.1
     entropy_coef: float = 0.01
     length_penalty: float = 0.0
+    scale_scores: bool = True
     train_layers: int | None = None
     bf16: bool = True
     eval_limit: int = 32
@@ -256,6 +259,7 @@ def train_ppo(
     stopped = None
     final_check = None
     snapshot: dict | None = None  # trainable weights before the latest update
+    seen: list[float] = []  # every training score so far, for the running scale
     # Step `steps + 1` only samples: it judges the last update against the hard KL stop.
     for step in range(1, config.steps + 2):
         t_step = t = time.monotonic()
@@ -293,7 +297,11 @@ def train_ppo(
         lengths = mask.sum(1)
         rewards = -beta * (old_logp - ref_logp) * mask
         last = (lengths - 1).clamp(min=0).long()
-        rewards[torch.arange(len(batch)), last] += scores - config.length_penalty * lengths
+        seen += scores.tolist()
+        scale = sample_std(seen) if config.scale_scores else 1.0
+        scale = scale if scale > 1e-6 else 1.0  # one score, or all equal: nothing to scale by
+        scaled = scores / scale
+        rewards[torch.arange(len(batch)), last] += scaled - config.length_penalty * lengths
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         old = {
             "logp": old_logp,
@@ -319,6 +327,7 @@ def train_ppo(
             "kl": round(kl, 4),
             "kl_k3": round(kl_k3, 4),
             "beta": round(beta, 5),
+            "score_scale": round(scale, 4),
             "entropy": round(stats.pop("entropy"), 4),
             "response_length": round(sum(length_list) / len(length_list), 2),
             "reward_length_corr": None if corr is None else round(corr, 4),
