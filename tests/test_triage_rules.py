@@ -135,6 +135,11 @@ def test_a_repeat_glued_on_without_a_space_is_still_a_repeat():
         "Mail john.doe@email.com now.",
         "It is $9.99 today.",
     ]
+    # The model has glued sentences with a zero-width joiner too: the same repeat, and a
+    # character the schema does not admit.
+    zwj = "We are checking the delivery time.\u200dWe are checking the delivery time."
+    assert split_sentences(zwj) == ["We are checking the delivery time."] * 2
+    assert not re.match(REPLY_PATTERN, zwj + " Thanks for waiting on us.")
 
 
 @pytest.mark.parametrize(
@@ -167,13 +172,25 @@ def test_reply_opens_in_the_tickets_language(language, reply, ok):
     assert bool(re.match(reply_pattern(language), reply)) is ok
 
 
+def test_a_retry_in_the_wrong_language_must_open_every_sentence_in_the_right_one():
+    strict = reply_pattern("Spanish", every_sentence=True)
+    spanish = "Lamentamos el retraso de su pedido. Hemos revisado el envío hoy. Le avisaremos."
+    assert re.match(strict, spanish)
+    drifted = "Lamentamos el retraso de su pedido. I understand the delivery issue. Le avisaremos."
+    assert re.match(reply_pattern("Spanish"), drifted) and not re.match(strict, drifted)
+
+
 def test_language_schemas_compile_for_the_engine_grammar():
     import llguidance
 
     for language in REPLY_OPENERS:
-        schema = output_schema(candidates(ISSUE_TICKET.text), reply_language=language)
-        assert schema["properties"]["suggested_response"]["pattern"] == reply_pattern(language)
-        assert llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        for every in (False, True):
+            schema = output_schema(
+                candidates(ISSUE_TICKET.text), reply_language=language, reply_every_sentence=every
+            )
+            pattern = schema["properties"]["suggested_response"]["pattern"]
+            assert pattern == reply_pattern(language, every)
+            assert llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
     assert output_schema()["properties"]["suggested_response"]["pattern"] == REPLY_PATTERN
 
 

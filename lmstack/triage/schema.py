@@ -21,19 +21,23 @@ ENTITY_FIELDS = ("customer_id", "order_number", "product_name", "email")
 Category = Literal["Billing", "Technical", "Account", "Shipping", "Other"]
 Urgency = Literal["Low", "Medium", "High", "Critical"]
 
-# One sentence: ends with . ! or ?, and has them inside only when neither a space nor a
-# capital follows ("john.doe@email.com", "$9.99", not "Thanks.We"), which is how
-# split_sentences counts too. At most 240 characters, so a looping model reaches the end of
-# its reply instead of max_tokens.
-_CAPITAL = "A-ZÀ-ÖØ-Þ¿¡"  # what may open a sentence, Spanish ¿ and ¡ included
-_UNIT = rf"(?:[^.!?\n\"\\]|[.!?][^.!?\s\"\\{_CAPITAL}])"
+# One sentence: ends with . ! or ?, and has them inside only when a lowercase letter or a
+# digit follows ("john.doe@email.com", "$9.99", not "Thanks.We" nor "time.\u200dI"), which
+# is how split_sentences counts too. Invisible format characters (zero-width space/joiner,
+# soft hyphen, BOM) are not allowed at all: the model used them to glue sentences. At most
+# 240 characters, so a looping model reaches the end of its reply instead of max_tokens.
+_INVISIBLE = "\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"
+_CONTINUES = "a-z0-9ß-öø-ÿ"  # what may follow . ! ? inside a sentence
+_UNIT = rf"(?:[^.!?\n\"\\{_INVISIBLE}]|[.!?][{_CONTINUES}])"
 _SENTENCE = rf"{_UNIT}{{8,240}}[.!?]"
 KEY_ISSUE_PATTERN = rf"^{_SENTENCE}$"
 REPLY_PATTERN = rf"^{_SENTENCE}( {_SENTENCE}){{2,4}}$"
 REPLY_SENTENCES = (3, 5)
-# A sentence ends at . ! ? followed by whitespace, or directly by a capital: "Thanks.We will
-# help." is two sentences, so a repeat glued on without a space is still a repeat.
-_SENTENCE_END = re.compile(rf"(?<=[.!?])(?:\s+|(?=[{_CAPITAL}]))")
+# A sentence ends at . ! ? unless a lowercase letter, a digit or more of . ! ? follows:
+# "Thanks.We will help." is two sentences, so a repeat glued on without a space is still a
+# repeat.
+_SENTENCE_END = re.compile(rf"(?<=[.!?])(?:\s+|(?![{_CONTINUES}.!?]))")
+_INVISIBLE_CHARS = re.compile(f"[{_INVISIBLE}]")
 
 # How a reply opens in each non-English language the triage detects. The reply pattern for
 # such a ticket must start with one of these: the 135M model, left free, answered 10 of 15
@@ -45,21 +49,33 @@ REPLY_OPENERS = {
     "French": ("Nous sommes désolés", "Merci pour", "Nous avons", "Nous comprenons"),
     "German": ("Es tut uns leid", "Vielen Dank", "Wir haben", "Wir verstehen"),
 }
+# After a reply in the wrong language, the retry makes *every* sentence start with one of
+# these (as a retry that broke an urgency rule is offered only the allowed urgencies).
+SENTENCE_OPENERS = {
+    "Spanish": "Lamentamos|Gracias|Hemos|Le|Su|Sus|Por favor|Estamos|Vamos a|Puede|Nuestro|"
+    "Nuestra|Entendemos|Sentimos|Revisaremos|Si",
+    "French": "Nous|Merci|Votre|Vos|Vous|Je|Si|Pour|Notre|Veuillez|Nos",
+    "German": "Wir|Vielen Dank|Ihre|Ihr|Ihren|Sie|Bitte|Es|Danke|Unser|Unsere|Falls|Gerne",
+}
 
 
-def reply_pattern(language: str | None = None) -> str:
-    """REPLY_PATTERN, its first sentence opening in `language` when it has REPLY_OPENERS."""
+def reply_pattern(language: str | None = None, every_sentence: bool = False) -> str:
+    """REPLY_PATTERN, its first sentence (or, with `every_sentence`, each sentence) opening
+    in `language` when it has openers listed."""
     openers = REPLY_OPENERS.get(language or "")
     if not openers:
         return REPLY_PATTERN
     first = rf"(?:{'|'.join(openers)})[ ,]{_UNIT}{{4,220}}[.!?]"
-    return rf"^{first}( {_SENTENCE}){{2,4}}$"
+    if not every_sentence:
+        return rf"^{first}( {_SENTENCE}){{2,4}}$"
+    rest = rf"(?:{SENTENCE_OPENERS[language]})[ ,]{_UNIT}{{4,220}}[.!?]"
+    return rf"^{first}( {rest}){{2,4}}$"
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences as the schema's patterns count them (split after . ! ? and whitespace,
-    or before a capital that follows . ! ? directly)."""
-    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+    """Sentences as the schema's patterns count them: split after . ! ? unless a lowercase
+    letter, a digit or more punctuation follows; invisible format characters dropped."""
+    return [s for s in _SENTENCE_END.split(_INVISIBLE_CHARS.sub("", text).strip()) if s]
 
 
 class Entities(BaseModel):
@@ -120,6 +136,7 @@ def output_schema(
     categories: tuple[str, ...] = CATEGORIES,
     urgencies: tuple[str, ...] = URGENCIES,
     reply_language: str | None = None,
+    reply_every_sentence: bool = False,
 ) -> dict:
     """The JSON schema for one ticket; without candidates every entity must be null, and a
     `reply_language` with REPLY_OPENERS fixes how the reply opens (see reply_pattern).
@@ -144,7 +161,10 @@ def output_schema(
                 "additionalProperties": False,
             },
             "key_issue": {"type": "string", "pattern": KEY_ISSUE_PATTERN},
-            "suggested_response": {"type": "string", "pattern": reply_pattern(reply_language)},
+            "suggested_response": {
+                "type": "string",
+                "pattern": reply_pattern(reply_language, reply_every_sentence),
+            },
         },
         "required": ["category", "urgency", "entities", "key_issue", "suggested_response"],
         "additionalProperties": False,

@@ -8,12 +8,15 @@ Every attempt is decoded under `output_schema(candidates)`, so it parses, its en
 valid and its entities are spans of the ticket. A retry repeats the conversation with the
 previous answer and the validator's errors; when an error names the allowed urgencies the
 retry's schema offers only those, so a rule the model keeps missing cannot survive the
-last attempt. Tickets that do not fit the context are cut in the middle, with a warning.
+last attempt; likewise a retry after a reply in the wrong language must start every
+sentence, not only the first, in the ticket's language (schema.SENTENCE_OPENERS). Tickets
+that do not fit the context are cut in the middle, with a warning.
 
 With a category classifier (classifier.py), the schema's `category` enum holds only the
-classes that cover `category_coverage` of the classifier's probability: one class when it
-is sure, so the label is the classifier's; several when it is not, and the language model
-chooses among them. All tickets of a batch are embedded together, before any decoding.
+classes that cover `category_coverage` of the classifier's probability: its top class alone
+at coverage 0 (the shipped default) or when it is sure; several when it is not, and the
+language model chooses among them. All tickets of a batch are embedded together, before
+any decoding.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class TriageConfig:
     use_examples: bool = True
     timeout: float | None = None
     classifier: CategoryClassifier | None = None  # None: the language model decides
-    category_coverage: float = 0.9  # see CategoryClassifier.plausible
+    category_coverage: float = 0.0  # see CategoryClassifier.plausible and DEFAULT_COVERAGE
 
 
 @dataclass
@@ -64,6 +67,7 @@ class _Job:
     previous: str | None = None
     urgencies: tuple[str, ...] | None = None
     categories: tuple[str, ...] = CATEGORIES
+    reply_every_sentence: bool = False  # after a reply in the wrong language
 
 
 class Triager:
@@ -169,6 +173,7 @@ class Triager:
             categories=job.categories,
             urgencies=job.urgencies or URGENCIES,
             reply_language=language,
+            reply_every_sentence=job.reply_every_sentence,
         )
         return ChatRequest(
             messages=messages,
@@ -198,4 +203,6 @@ class Triager:
             job.feedback, job.previous = errors, completion.text or None
             if any(e.startswith("urgency must be") for e in errors):
                 job.urgencies = allowed_urgencies(job.text)
+            if any(e.startswith("suggested_response must be written in") for e in errors):
+                job.reply_every_sentence = True
         return not errors
