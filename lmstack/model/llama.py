@@ -202,18 +202,25 @@ class LlamaForCausalLM(nn.Module):
     def weight_bytes(self) -> int:
         seen, total = set(), 0
         for t in list(self.parameters()) + list(self.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
+            # oneDNN-packed weights (lmstack.model.packed) are opaque: no shared storage.
+            key = id(t) if t.is_mkldnn else t.data_ptr()
+            if key not in seen:
+                seen.add(key)
                 total += t.numel() * t.element_size()
         return total
 
     @classmethod
     def from_pretrained(
-        cls, model: str | Path | None = None, dtype: str | torch.dtype = "float32"
+        cls,
+        model: str | Path | None = None,
+        dtype: str | torch.dtype = "float32",
+        pack: bool = True,
     ) -> LlamaForCausalLM:
         """Load the bundled model ("bundled"/None), a .gguf file or an HF directory.
 
         dtype "int8" loads bf16 weights and quantizes the linear layers (lmstack.model.quant).
+        fp32 and bf16 linear layers are pre-packed for oneDNN unless `pack` is False
+        (lmstack.model.packed; a no-op where the CPU or build cannot).
         """
         start = time.perf_counter()
         quantize = isinstance(dtype, str) and dtype.lower() == "int8"
@@ -250,6 +257,10 @@ class LlamaForCausalLM(nn.Module):
             from lmstack.model.quant import quantize_int8
 
             quantize_int8(net)
+        elif pack:
+            from lmstack.model.packed import pack_linears
+
+            pack_linears(net)
         net.eval()
         net.source = model_dir
         net.load_seconds = time.perf_counter() - start
