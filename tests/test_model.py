@@ -75,10 +75,29 @@ def test_fp32_greedy_continuations_match_transformers(model, hf_model):
 
 
 @pytest.mark.slow
-def test_bf16_greedy_matches_fp32_on_most_prompts(model, bf16_model):
+def test_bf16_predicts_fp32_greedy_tokens(model, bf16_model):
+    """bf16 picks fp32's greedy token at (nearly) every position of fp32's continuations.
+
+    Teacher-forced on fp32's own 32-token continuations: free-running comparison is chaotic
+    (one near-tie flips every later token), so whole-sequence identity says more about luck
+    than about bf16; a fused-attention change moved it from 4/5 to 2/5 prompts while
+    bringing the logits closer to fp32. Measured: 159/160 positions, mean |dlogit| 0.11.
+    """
     net, tok = model
-    same = sum(greedy(net, tok, p) == greedy(bf16_model, tok, p) for p in PROMPTS)
-    assert same >= 4, f"bf16 matched fp32 on only {same}/5 prompts"
+    agree = total = 0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        ref = greedy(net, tok, prompt)
+        full = torch.tensor(ids + ref)
+        positions = torch.arange(len(full))
+        fp32 = net.compute_logits(net(full, positions, NoCache()))[len(ids) - 1 : -1]
+        bf16 = bf16_model.compute_logits(bf16_model(full, positions, NoCache()))
+        bf16 = bf16[len(ids) - 1 : -1]
+        agree += int((bf16.argmax(-1) == torch.tensor(ref)).sum())
+        total += len(ref)
+        diff = (fp32 - bf16).abs().mean().item()
+        assert diff < 0.25, f"{prompt!r}: mean |logit diff| bf16 vs fp32 {diff:.3f}"
+    assert agree >= 0.95 * total, f"bf16 chose fp32's greedy token at {agree}/{total} positions"
     assert bf16_model.dtype == torch.bfloat16
     assert bf16_model.weight_bytes() < 0.6 * net.weight_bytes()
 
