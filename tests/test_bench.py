@@ -71,3 +71,23 @@ def test_bench_precision_reports_each_dtype(model, capsys, tmp_path):
     )
     # Quantization may cost a little quality, never a lot.
     assert rows["int8"]["perplexity_vs_fp32"] < 1.1 and rows["bfloat16"]["perplexity_vs_fp32"] < 1.1
+
+
+def test_bench_kernels_reports_both_sides(capsys):
+    import json
+
+    code, out, _ = run_cli(["bench", "kernels", "--json"], capsys)
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["kernel"] for r in rows} == {
+        "linear (layer + LM head)",
+        "prefill attention (causal, GQA)",
+    }
+    for r in rows:
+        assert r["baseline_ms"] > 0 and r["lmstack_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["lmstack_ms"], rel=0.02)
+
+
+def test_bench_kernels_rejects_unpackable_dtype(capsys):
+    code, _, err = run_cli(["bench", "kernels", "--dtype", "float16"], capsys)
+    assert code != 0 and "float16" in err

@@ -70,6 +70,44 @@ def offline_command(
     Console().print(table)
 
 
+@bench_app.command("kernels")
+def kernels_command(
+    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 or bfloat16"),
+    model: str = typer.Option("bundled", "--model", help="Model whose shapes to use"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows"),
+) -> None:
+    """Packed linear layers and fused prefill attention vs the plain torch calls."""
+    from lmstack.bench.kernels import bench_kernels
+    from lmstack.errors import InputError
+    from lmstack.model.llama import parse_dtype
+    from lmstack.model.weights import load_config, resolve_model
+
+    torch_dtype = parse_dtype(dtype)
+    config = load_config(resolve_model(model))
+    try:
+        rows = bench_kernels(config, torch_dtype)
+    except RuntimeError as exc:
+        raise InputError(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"CPU kernels, {dtype}, shapes of {model} (median of 5, interleaved)")
+    for col in ("kernel", "shape", "torch ms", "lmstack ms", "speedup"):
+        table.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
+    for r in rows:
+        table.add_row(
+            r["kernel"],
+            r["shape"],
+            f"{r['baseline_ms']:.3f}",
+            f"{r['lmstack_ms']:.3f}",
+            f"{r['speedup']:.2f}x",
+        )
+    Console().print(table)
+
+
 @bench_app.command("precision")
 def precision_command(
     text: str | None = typer.Option(

@@ -1,0 +1,94 @@
+"""`lmstack bench kernels`: the engine's CPU kernels against the plain torch calls they replace.
+
+Two rows per shape, measured interleaved in one process (so machine noise hits both):
+- linear: every projection of one decoder layer plus the LM head, `F.linear` on the plain
+  weight vs the oneDNN pre-packed weight (lmstack.model.packed), at decode (1 and 20 rows)
+  and prefill (256 rows) sizes;
+- prefill attention: torch SDPA on 3-D GQA inputs (its unfused math path on a CPU) vs
+  `lmstack.model.attention.sdpa` (4-D inputs, the fused flash kernel).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.model.attention import sdpa
+from lmstack.model.packed import PackedLinear, packing_supported
+
+
+def _median_ms(fn, repeats: int, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        times.append((time.perf_counter() - start) / repeats * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _pair(plain, fast, repeats: int, rounds: int = 5) -> tuple[float, float]:
+    a, b = [], []
+    for _ in range(rounds):  # interleaved, so drift in machine speed hits both alike
+        a.append(_median_ms(plain, repeats, 1))
+        b.append(_median_ms(fast, repeats, 1))
+    return sorted(a)[rounds // 2], sorted(b)[rounds // 2]
+
+
+def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
+    """Rows of {kernel, shape, baseline_ms, lmstack_ms, speedup} for a model config."""
+    if not packing_supported(dtype):
+        raise RuntimeError(f"oneDNN weight packing is not available for {dtype} on this CPU")
+    hidden, inter = config.hidden_size, config.intermediate_size
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    shapes = [
+        ((heads + 2 * kv_heads) * dim, hidden),
+        (hidden, heads * dim),
+        (2 * inter, hidden),
+        (hidden, inter),
+        (config.vocab_size, hidden),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(o, i, generator=gen).to(dtype) * 0.02 for o, i in shapes]
+    packed = [PackedLinear(w) for w in weights]
+    results = []
+    for m in rows:
+        x = {i: torch.randn(m, i, generator=gen).to(dtype) for _, i in shapes}
+
+        def plain(x=x):
+            for w in weights:
+                F.linear(x[w.shape[1]], w)
+
+        def fast(x=x):
+            for p in packed:
+                p(x[p.in_features])
+
+        base, ours = _pair(plain, fast, repeats=max(2, 40 // m))
+        results.append(_row("linear (layer + LM head)", f"{m} rows", base, ours))
+    for tokens in (130, 512):
+        q = torch.randn(heads, tokens, dim, generator=gen).to(dtype)
+        k = torch.randn(kv_heads, tokens, dim, generator=gen).to(dtype)
+        v = torch.randn(kv_heads, tokens, dim, generator=gen).to(dtype)
+
+        def math_path(q=q, k=k, v=v):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def flash_path(q=q, k=k, v=v):
+            sdpa(q, k, v, causal=True)
+
+        base, ours = _pair(math_path, flash_path, repeats=4)
+        results.append(_row("prefill attention (causal, GQA)", f"{tokens} tokens", base, ours))
+    return results
+
+
+def _row(kernel: str, shape: str, base: float, ours: float) -> dict:
+    return {
+        "kernel": kernel,
+        "shape": shape,
+        "baseline_ms": round(base, 3),
+        "lmstack_ms": round(ours, 3),
+        "speedup": round(base / ours, 2),
+    }
