@@ -12,7 +12,10 @@ class EngineConfig:
     model: str = "bundled"  # "bundled", a .gguf file or a HF directory
     dtype: str = "bfloat16"  # float32, bfloat16 or int8 (weight-only, bf16 activations)
     max_num_seqs: int = 32  # sequences decoded together
-    max_num_batched_tokens: int = 1024  # tokens per step: decodes + prefill chunks
+    # Tokens per step: decodes + prefill chunks. 256 rather than 1024: with 20 chat users
+    # arriving together, TTFT P50 fell from 2.06 s to 1.16 s (`bench serve --concurrency 20`)
+    # at the same throughput, since a 1024-token chunk makes every decode wait ~1 s.
+    max_num_batched_tokens: int = 256
     max_waiting: int = 256  # bound of the waiting queue; beyond it add_request is refused
     block_size: int = 16  # tokens per KV block
     kv_cache_gb: float | None = None  # KV pool size in GB (1e9 bytes) ...
