@@ -12,7 +12,7 @@ from helpers import make_pdf, run_cli
 from lmstack.config import shared_data_dir
 from lmstack.docqa.embed import Embedder
 from lmstack.docqa.ingest import Ingestor
-from lmstack.docqa.retrieve import Retriever, fuse
+from lmstack.docqa.retrieve import Retriever, fuse, relative_fuse
 from lmstack.docqa.store import DocStore, Hit
 from lmstack.errors import InputError
 
@@ -184,6 +184,18 @@ def test_modes_and_fusion(nist_store):
     a, b, c = (Hit("d", i, "", None, [], "", 0, 0.0) for i in range(3))
     fused = fuse({"dense": [a, b], "bm25": [c, b]}, 3)
     assert fused[0].chunk_id == 1 and fused[0].scores["dense_rank"] == 2
+    # Relative score fusion keeps margins: a clear first in one list beats a pair of
+    # middling seconds, which RRF would rank first.
+    x, y, z = (Hit("d", i, "", None, [], "", 0, s) for i, s in ((0, 0.9), (1, 0.5), (2, -9.0)))
+    y2 = Hit("d", 1, "", None, [], "", 0, -5.0)
+    rel = relative_fuse({"dense": [x, y], "bm25": [z, y2]}, 3)
+    assert [h.chunk_id for h in rel] == [0, 2, 1] or [h.chunk_id for h in rel] == [2, 0, 1]
+    assert rel[0].score == pytest.approx(1.0) and rel[2].score == pytest.approx(0.0)
+    assert fuse({"dense": [x, y], "bm25": [z, y2]}, 3)[0].chunk_id == 1
+    with pytest.raises(InputError, match="--fusion"):
+        Retriever(store, Embedder.shared(), fusion="max")
+    hits = Retriever(store, Embedder.shared(), "relative").search(question, 5)
+    assert len(hits) == 5 and all(a.score >= b.score for a, b in zip(hits, hits[1:]))
     assert not retriever.relevant("What is the boiling point of water?", retriever.search(
         "What is the boiling point of water?", 5))  # fmt: skip
     assert retriever.relevant(question, retriever.search(question, 5))

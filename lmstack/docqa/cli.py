@@ -31,11 +31,14 @@ def _store(store: str):
     return DocStore(store)
 
 
-def _retriever(store: str):
+FUSION_HELP = "How hybrid merges dense and BM25: rrf (reciprocal rank) or relative (scores)"
+
+
+def _retriever(store: str, fusion: str = "rrf"):
     from lmstack.docqa.embed import Embedder
     from lmstack.docqa.retrieve import Retriever
 
-    return Retriever(_store(store), Embedder.shared())
+    return Retriever(_store(store), Embedder.shared(), fusion)
 
 
 def _console(stderr: bool = False):
@@ -138,7 +141,8 @@ def remove_command(
 def search_command(
     query: str = typer.Argument(..., help="What to look for"),
     top_k: int = typer.Option(5, "--top-k", help="How many chunks"),
-    mode: str = typer.Option("hybrid", "--mode", help="hybrid (RRF), dense or bm25"),
+    mode: str = typer.Option("hybrid", "--mode", help="hybrid, dense or bm25"),
+    fusion: str = typer.Option("rrf", "--fusion", help=FUSION_HELP),
     store: str = typer.Option(_default_store(), "--store", help=STORE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -146,7 +150,7 @@ def search_command(
     from lmstack.docqa.retrieve import check_top_k
 
     check_top_k(top_k)
-    retriever = _retriever(store)
+    retriever = _retriever(store, fusion)
     hits = retriever.search(query, top_k, mode)
     if as_json:
         typer.echo(json.dumps([h.as_json() for h in hits], indent=2, ensure_ascii=False))
@@ -171,13 +175,14 @@ def eval_command(
     strategy: str = typer.Option("rag", "--strategy", help="Strategy for --answers"),
     llm_url: str | None = typer.Option(None, "--llm-url", help="OpenAI-compatible server"),
     model: str | None = typer.Option(None, "--model", help="Model for --answers (in-process)"),
+    fusion: str = typer.Option("rrf", "--fusion", help=FUSION_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Retrieval metrics per mode (recall@1/5/10, MRR, nDCG@10); answers with --answers."""
     from lmstack.docqa.evaluate import evaluate_answers, evaluate_retrieval, load_questions
 
     qs = load_questions(questions)
-    retriever = _retriever(store)
+    retriever = _retriever(store, fusion)
     report = evaluate_retrieval(retriever, qs)
     if answers:
         from rich.progress import Progress
@@ -222,6 +227,7 @@ def ask_command(
     store: str = typer.Option(_default_store(), "--store", help=STORE_HELP),
     top_k: int = typer.Option(5, "--top-k", help="Chunks retrieved"),
     mode: str = typer.Option("hybrid", "--mode", help="Retrieval: hybrid, dense or bm25"),
+    fusion: str = typer.Option("rrf", "--fusion", help=FUSION_HELP),
     doc: str | None = typer.Option(None, "--doc", help="Ask this document only"),
     window: int | None = typer.Option(None, "--window", help="Context window (default: model's)"),
     reserve: int = typer.Option(500, "--reserve", help="Tokens kept for the answer"),
@@ -241,7 +247,7 @@ def ask_command(
     check_top_k(top_k)
     if window is not None and window < 64:
         raise InputError(f"--window must be at least 64 tokens, got {window}")
-    retriever = _retriever(store)
+    retriever = _retriever(store, fusion)
     answerer = Answerer(
         retriever, make_generator(llm_url, model=model), window, reserve, top_k, mode, max_tokens
     )
