@@ -5,9 +5,9 @@ re-arranges ("packs") it into the tiled layout its kernels read before every sin
 For a decode step that re-arrangement costs about as much as the multiplication itself: the
 weights are read twice and written once for a handful of input rows. `PackedLinear` packs
 once and calls oneDNN's matmul on the packed copy. `lmstack bench kernels` (bf16, the
-bundled model's layer shapes, on the 2-core dev machine) measured 3.3x the plain call for
-one row, 1.9x for a 20-row decode batch and 1.2x for a 256-token prefill chunk; results are
-bit-identical to `F.linear` in bf16 (tests/test_packed.py).
+bundled model's layer shapes, on the 2-core dev machine, two runs) measured 1.6-3.3x the
+plain call for one row, 1.5-1.9x for a 20-row decode batch and 1.1-1.2x for a 256-token
+prefill chunk; results are bit-identical to `F.linear` in bf16 (tests/test_packed.py).
 
 Packing needs a CPU tensor and a PyTorch build with oneDNN (every x86 wheel has it); bf16
 also needs oneDNN's bf16 support (AVX512-BF16 or AMX). Where they are missing,

@@ -7,7 +7,7 @@ Embeddings and norms stay in bf16; the LM head gets its own int8 copy of the (ti
 embedding matrix, because at batch 1 it is the largest single read of a decode step.
 
 torch's int8 kernel is 2x faster than bf16 at batch 1 (half the bytes to read) but slower
-than bf16's AMX path from batch ~8 up: int8 is the memory-saving, single-stream choice,
+than bf16's oneDNN path from batch ~8 up: int8 is the memory-saving, single-stream choice,
 bf16 the throughput choice under load (see `lmstack bench precision` and `bench offline`).
 """
 
