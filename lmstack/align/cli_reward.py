@@ -93,11 +93,8 @@ def reward_train_command(
     if as_json:
         dump(result)
     else:
-        low, high = result["val_ci95"]
-        typer.echo(
-            f"validation accuracy {result['val_accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}) "
-            f"on {result['val_pairs']} pairs; {result['train_seconds']:.0f} s -> {out}"
-        )
+        summary = _accuracy(result["val_accuracy"], result["val_ci95"], result["val_pairs"])
+        typer.echo(f"validation {summary}; {result['train_seconds']:.0f} s -> {out}")
 
 
 @reward_app.command("eval")
@@ -120,11 +117,7 @@ def reward_eval_command(
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        low, high = result["ci95"]
-        typer.echo(
-            f"accuracy {result['accuracy']:.3f} on {result['pairs']} pairs "
-            f"(95% CI {low:.3f}-{high:.3f})"
-        )
+        typer.echo(_accuracy(result["accuracy"], result["ci95"], result["pairs"]))
 
 
 @reward_app.command("score")
@@ -159,3 +152,8 @@ def reward_score_command(
     scores = rm.score([m for m, _ in rows], [r for _, r in rows])
     for (messages, _reply), score in zip(rows, scores):
         typer.echo(json.dumps({"prompt": messages[-1]["content"], "score": round(score, 4)}))
+
+
+def _accuracy(accuracy: float, ci95, pairs: int) -> str:
+    low, high = ci95
+    return f"accuracy {accuracy:.3f} (95% CI {low:.3f}-{high:.3f}) on {pairs} pairs"
