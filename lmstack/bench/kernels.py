@@ -19,23 +19,18 @@ from lmstack.model.attention import sdpa
 from lmstack.model.packed import PackedLinear, packing_supported
 
 
-def _median_ms(fn, repeats: int, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        times.append((time.perf_counter() - start) / repeats * 1e3)
-    return sorted(times)[len(times) // 2]
+def _time_ms(fn, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def _pair(plain, fast, repeats: int, rounds: int = 5) -> tuple[float, float]:
-    a, b = [], []
-    for _ in range(rounds):  # interleaved, so drift in machine speed hits both alike
-        a.append(_median_ms(plain, repeats, 1))
-        b.append(_median_ms(fast, repeats, 1))
-    return sorted(a)[rounds // 2], sorted(b)[rounds // 2]
+    """Median ms per call of each, timed in alternating rounds (drift hits both alike)."""
+    plain(), fast()  # warm-up
+    a = [(_time_ms(plain, repeats), _time_ms(fast, repeats)) for _ in range(rounds)]
+    return sorted(x for x, _ in a)[rounds // 2], sorted(y for _, y in a)[rounds // 2]
 
 
 def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
