@@ -12,8 +12,9 @@ from lmstack.docqa.answer import DONT_KNOW, Answerer, attach_citations, is_abste
 from lmstack.docqa.assemble import assemble
 from lmstack.docqa.embed import Embedder
 from lmstack.docqa.ingest import Ingestor
+from lmstack.docqa.records import Hit
 from lmstack.docqa.retrieve import Retriever
-from lmstack.docqa.store import DocStore, Hit
+from lmstack.docqa.store import DocStore
 from lmstack.errors import ContextLengthError, InputError
 
 NIST = shared_data_dir() / "nist-sp800-63-3"

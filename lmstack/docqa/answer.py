@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmstack.docqa.assemble import SYSTEM_PROMPT, Budget, assemble, source_label
+from lmstack.docqa.records import Hit
 from lmstack.docqa.retrieve import Retriever
-from lmstack.docqa.store import Hit
 from lmstack.errors import InputError, LmstackError
 from lmstack.llm import ChatRequest
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmstack.docqa.store import Hit
+from lmstack.docqa.records import Hit
 from lmstack.errors import ContextLengthError, InputError
 
 SYSTEM_PROMPT = (

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from lmstack.docqa.chunk import chunk_pages
 from lmstack.docqa.documents import Document, expand, read_path
-from lmstack.docqa.store import ChunkRow, DocStore, DocumentRecord, search_text_of
+from lmstack.docqa.records import ChunkRow, DocumentRecord, search_text_of
+from lmstack.docqa.store import DocStore
 from lmstack.errors import InputError
 
 _EMBED_BATCH_CHUNKS = 256  # documents are buffered until this many chunks await embedding

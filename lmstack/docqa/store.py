@@ -21,11 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmstack.docqa.records import ChunkRow, DocumentRecord, Hit, hit_from_entity, search_text_of
 from lmstack.errors import InputError, LmstackError
 
 CHUNKS = "lmstack_chunks"
@@ -46,53 +45,11 @@ _OUTPUT = ["doc_id", "chunk_id", "title", "page", "headings", "text", "tokens", 
 _OVERFETCH = 2
 
 
-@dataclass
-class DocumentRecord:
-    doc_id: str
-    title: str
-    source: str
-    content_hash: str
-    version: str
-    chunks: int
-    tokens: int
-    added_at: float = field(default_factory=time.time)
+_RECORD_FIELDS = list(DocumentRecord.__dataclass_fields__)
 
 
-@dataclass
-class ChunkRow:
-    doc_id: str
-    chunk_id: int
-    title: str
-    page: int | None
-    headings: list[str]
-    text: str
-    tokens: int
-
-
-@dataclass
-class Hit(ChunkRow):
-    """A retrieved chunk: the stored row plus how it ranked."""
-
-    score: float
-    rank: int = 0
-    scores: dict = field(default_factory=dict)  # per retriever: {"dense": .., "bm25": ..}
-
-    def as_json(self) -> dict:
-        return {
-            "doc_id": self.doc_id,
-            "chunk_id": self.chunk_id,
-            "title": self.title,
-            "page": self.page,
-            "score": round(self.score, 6),
-            "text": self.text,
-        }
-
-
-def search_text_of(chunk: ChunkRow) -> str:
-    """The text retrievers see: title and heading path, then the chunk."""
-    parts = [chunk.title] if chunk.title else []
-    parts += [h for h in chunk.headings if h and h != chunk.title]
-    return f"{' > '.join(parts)}\n{chunk.text}" if parts else chunk.text
+def _record(row: dict) -> DocumentRecord:
+    return DocumentRecord(**{k: row[k] for k in _RECORD_FIELDS})
 
 
 def _literal(value) -> str:
@@ -220,19 +177,14 @@ class DocStore:
             iterator.close()
 
     def documents(self) -> list[DocumentRecord]:
-        fields = [f for f in DocumentRecord.__dataclass_fields__]
-        rows = [
-            DocumentRecord(**{k: row[k] for k in fields})
-            for row in self.iterate(DOCUMENTS, "", fields)
-        ]
+        rows = [_record(row) for row in self.iterate(DOCUMENTS, "", _RECORD_FIELDS)]
         return sorted(rows, key=lambda r: r.doc_id)
 
     def get(self, doc_id: str) -> DocumentRecord | None:
-        fields = [f for f in DocumentRecord.__dataclass_fields__]
         rows = self.client.query(
-            DOCUMENTS, filter=f"doc_id == {_literal(doc_id)}", output_fields=fields
+            DOCUMENTS, filter=f"doc_id == {_literal(doc_id)}", output_fields=_RECORD_FIELDS
         )
-        return DocumentRecord(**{k: rows[0][k] for k in fields}) if rows else None
+        return _record(rows[0]) if rows else None
 
     def live_versions(self) -> dict[str, str]:
         if self._live is None:
@@ -352,7 +304,7 @@ class DocStore:
                 continue  # an unfinished or replaced version
             # Milvus Lite reports BM25 scores negated (as a distance); servers do not.
             score = abs(row["distance"]) if bm25 else float(row["distance"])
-            hits.append(_hit(entity, score, key))
+            hits.append(hit_from_entity(entity, score, key))
             if len(hits) == top_k:
                 break
         for rank, hit in enumerate(hits, start=1):
@@ -393,26 +345,9 @@ class DocStore:
                 _OUTPUT,
             )
         )
-        return [_hit(row, 0.0, "order") for row in sorted(rows, key=lambda r: r["chunk_id"])]
+        return [
+            hit_from_entity(row, 0.0, "order") for row in sorted(rows, key=lambda r: r["chunk_id"])
+        ]
 
     def close(self) -> None:
         self.client.close()
-
-
-def _hit(entity: dict, score: float, key: str) -> Hit:
-    page = entity.get("page", -1)
-    try:
-        headings = json.loads(entity.get("headings") or "[]")
-    except json.JSONDecodeError:
-        headings = []
-    return Hit(
-        doc_id=entity["doc_id"],
-        chunk_id=int(entity["chunk_id"]),
-        title=entity.get("title", ""),
-        page=None if page is None or page < 0 else int(page),
-        headings=headings,
-        text=entity["text"],
-        tokens=int(entity.get("tokens", 0)),
-        score=score,
-        scores={key: score},
-    )
