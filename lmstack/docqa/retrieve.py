@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import time
 
-from lmstack.docqa.store import DocStore, Hit
+from lmstack.docqa.records import Hit
+from lmstack.docqa.store import DocStore
 from lmstack.errors import InputError
 
 MODES = ("hybrid", "dense", "bm25")
@@ -107,25 +108,12 @@ def fuse(ranked: dict[str, list[Hit]], top_k: int, k: int = RRF_K) -> list[Hit]:
     scores); they are broken by the retrievers' own scores, each scaled by its list's best,
     rather than arbitrarily.
     """
-    merged: dict[tuple[str, int], Hit] = {}
-    support: dict[tuple[str, int], float] = {}
-    for name, hits in ranked.items():
+
+    def gains(hits: list[Hit]) -> list[tuple[float, float]]:
         best = max((abs(h.score) for h in hits), default=0.0) or 1.0
-        for rank, hit in enumerate(hits, start=1):
-            key = (hit.doc_id, hit.chunk_id)
-            if key not in merged:
-                merged[key] = Hit(**{**hit.__dict__, "score": 0.0, "scores": {}})
-                support[key] = 0.0
-            fused = merged[key]
-            fused.score += 1.0 / (k + rank)
-            fused.scores[name] = hit.score
-            fused.scores[f"{name}_rank"] = rank
-            support[key] += hit.score / best
-    order = sorted(merged, key=lambda key: (-merged[key].score, -support[key]))
-    best_hits = [merged[key] for key in order[:top_k]]
-    for rank, hit in enumerate(best_hits, start=1):
-        hit.rank = rank
-    return best_hits
+        return [(1.0 / (k + rank), h.score / best) for rank, h in enumerate(hits, start=1)]
+
+    return _merge(ranked, top_k, gains)
 
 
 def relative_fuse(ranked: dict[str, list[Hit]], top_k: int) -> list[Hit]:
@@ -134,19 +122,35 @@ def relative_fuse(ranked: dict[str, list[Hit]], top_k: int) -> list[Hit]:
     A chunk missing from a list gets 0 from it. BM25 scores come back negated from Milvus
     Lite, so magnitudes are used; a list whose scores are all equal scales them to 1.
     """
-    merged: dict[tuple[str, int], Hit] = {}
-    for name, hits in ranked.items():
+
+    def gains(hits: list[Hit]) -> list[tuple[float, float]]:
         values = [abs(h.score) for h in hits]
         low, high = min(values, default=0.0), max(values, default=0.0)
-        for rank, hit in enumerate(hits, start=1):
+        return [((v - low) / (high - low) if high > low else 1.0, 0.0) for v in values]
+
+    return _merge(ranked, top_k, gains)
+
+
+def _merge(ranked: dict[str, list[Hit]], top_k: int, gains) -> list[Hit]:
+    """Sum each chunk's gains over the lists; `gains(hits)` gives (score, tie-break) per hit.
+
+    The fused hit keeps every retriever's own score and rank in `scores`.
+    """
+    merged: dict[tuple[str, int], Hit] = {}
+    tie: dict[tuple[str, int], float] = {}
+    for name, hits in ranked.items():
+        for rank, (hit, (gain, tie_gain)) in enumerate(zip(hits, gains(hits)), start=1):
             key = (hit.doc_id, hit.chunk_id)
             if key not in merged:
                 merged[key] = Hit(**{**hit.__dict__, "score": 0.0, "scores": {}})
+                tie[key] = 0.0
             fused = merged[key]
-            fused.score += (abs(hit.score) - low) / (high - low) if high > low else 1.0
+            fused.score += gain
             fused.scores[name] = hit.score
             fused.scores[f"{name}_rank"] = rank
-    best_hits = sorted(merged.values(), key=lambda h: -h.score)[:top_k]
+            tie[key] += tie_gain
+    order = sorted(merged, key=lambda key: (-merged[key].score, -tie[key]))
+    best_hits = [merged[key] for key in order[:top_k]]
     for rank, hit in enumerate(best_hits, start=1):
         hit.rank = rank
     return best_hits
