@@ -9,6 +9,7 @@ import time
 
 import jsonschema
 import pytest
+import torch
 
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.sampling_params import SamplingParams, StructuredOutput
@@ -219,6 +220,30 @@ def test_async_engine_streams_and_aborts_on_close(model):
         assert eng.stats()["num_running"] == 0
     finally:
         eng.shutdown()
+
+
+def test_async_engine_steps_on_the_thread_that_owns_the_cores(model, tmp_path):
+    from lmstack.engine.async_engine import AsyncLLMEngine
+    from lmstack.errors import LmstackError
+
+    before = torch.get_num_threads()
+    eng = AsyncLLMEngine(dtype="float32", num_kv_tokens=2048, exclusive_threads=True)
+    try:
+        # The step thread keeps the process's thread count; every other thread now starts
+        # single-threaded, so no second OpenMP team can make libgomp put workers to sleep.
+        assert eng.step_threads == before
+        assert torch.get_num_threads() == 1
+
+        async def main():
+            return [o.new_text async for o in eng.generate(PROMPTS[0], GREEDY)]
+
+        assert "Paris" in "".join(asyncio.run(main()))
+    finally:
+        eng.shutdown()
+        torch.set_num_threads(before)
+    # A model that cannot load fails the constructor, on the caller's thread.
+    with pytest.raises(LmstackError, match="nope"):
+        AsyncLLMEngine(model=str(tmp_path / "nope"), num_kv_tokens=2048)
 
 
 SCHEMAS = [

@@ -6,6 +6,16 @@ never wait for a step: a new request is validated and tokenized (and its grammar
 on the caller's side, then dropped in an inbox; aborts go to an inbox too; the step thread
 drains both before each step. Outputs come back through each request's asyncio.Queue, and
 stats are a snapshot the step thread publishes after every step.
+
+The step thread also loads the model when it builds its own engine. With torch's OpenMP
+backend each thread that runs parallel ops gets its own team of worker threads, and once
+the teams together outnumber the cores, libgomp stops letting idle workers spin and puts
+them to sleep after every parallel region. A model loaded on the caller's thread and
+stepped on this one did exactly that: every op then paid a futex wake-up, and decode steps
+took 1.5-1.7x as long as the same steps on one thread (79-91 ms against 50-57 ms for 20
+sequences, measured here). `exclusive_threads=True` (the server) goes one further: other
+threads of the process then run torch ops single-threaded, so a web request that embeds
+a query or draws an attention map cannot form a second team behind the engine's back.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
+
+import torch
 
 from lmstack.engine.config import EngineConfig
 from lmstack.engine.llm_engine import LLMEngine
@@ -25,16 +37,21 @@ from lmstack.engine.sequence import FinishReason, Sequence
 
 class AsyncLLMEngine:
     def __init__(
-        self, config: EngineConfig | None = None, engine: LLMEngine | None = None, **overrides
+        self,
+        config: EngineConfig | None = None,
+        engine: LLMEngine | None = None,
+        *,
+        exclusive_threads: bool = False,
+        **overrides,
     ):
-        self.engine = engine or LLMEngine(config, **overrides)
+        self.engine = engine
         self._inbox_lock = threading.Lock()
         self._new: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
-        self._stats = self.engine.stats()
+        self._stats: dict = {}
         # Admission control without waiting for the step thread: the waiting count is the
         # last snapshot's plus every request submitted after the drain that snapshot saw.
         self._submitted = 0
@@ -42,8 +59,24 @@ class AsyncLLMEngine:
         self._snapshot_drained = 0
         self.num_rejected = 0
         self.step_error: str | None = None
-        self._thread = threading.Thread(target=self._loop, name="lmstack-engine", daemon=True)
+        ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.step_threads = 0  # torch threads the step thread runs with
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(config, overrides, torch.get_num_threads(), ready),
+            name="lmstack-engine",
+            daemon=True,
+        )
         self._thread.start()
+        ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+        if exclusive_threads:
+            # The step thread has fixed its own thread count; from here on torch's default
+            # (what every other thread starts with) is one thread.
+            torch.set_num_threads(1)
 
     @property
     def tokenizer(self):
@@ -54,6 +87,20 @@ class AsyncLLMEngine:
         return self._thread.is_alive()
 
     # ------------------------------------------------------------ step thread
+
+    def _run(self, config, overrides: dict, threads: int, ready: threading.Event) -> None:
+        try:
+            torch.set_num_threads(threads)
+            self.step_threads = torch.get_num_threads()
+            if self.engine is None:
+                self.engine = LLMEngine(config, **overrides)
+            self._stats = self.engine.stats()
+        except BaseException as exc:  # a bad --model: raised again in the constructor
+            self._load_error = exc
+            return
+        finally:
+            ready.set()
+        self._loop()
 
     def _loop(self) -> None:
         while not self._stopping:

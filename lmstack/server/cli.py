@@ -97,7 +97,7 @@ def serve_command(
     given = {name: value for name, value in options.items() if value is not None}
     config = EngineConfig(model=model, dtype=dtype, **given)
     # Load before binding the port: a bad --model is a one-line error, not a live 503 server.
-    engine = AsyncLLMEngine(config)
+    engine = AsyncLLMEngine(config, exclusive_threads=True)
     try:
         name = served_model_name or served_name(model)
         app = create_app(engine, name, api_key, max_body_bytes, docs_store, max_upload_bytes)
