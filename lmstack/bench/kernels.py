@@ -5,7 +5,11 @@ Two rows per shape, measured interleaved in one process (so machine noise hits b
   weight vs the oneDNN pre-packed weight (lmstack.model.packed), at decode (1 and 20 rows)
   and prefill (256 rows) sizes;
 - prefill attention: torch SDPA on 3-D GQA inputs (its unfused math path on a CPU) vs
-  `lmstack.model.attention.sdpa` (4-D inputs, the fused flash kernel).
+  `lmstack.model.attention.sdpa` (4-D inputs, the fused flash kernel);
+- decode attention over the paged KV cache, one layer, 20 sequences of 150-280 tokens in
+  scattered blocks: the engine's torch path (gather the blocks, batched matmuls) vs the
+  compiled kernel that reads them in place (lmstack.engine.paged_kernel; skipped where it
+  cannot be built).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmstack.engine import paged_kernel
 from lmstack.model.attention import sdpa
 from lmstack.model.packed import PackedLinear, packing_supported
 
@@ -76,7 +81,27 @@ def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
 
         base, ours = _pair(math_path, flash_path, repeats=4)
         results.append(_row("prefill attention (causal, GQA)", f"{tokens} tokens", base, ours))
+    if paged_kernel.load() is not None:
+        results.append(_paged_decode_row(heads, kv_heads, dim, dtype, gen))
     return results
+
+
+def _paged_decode_row(heads, kv_heads, dim, dtype, gen, batch=20, block_size=16) -> dict:
+    from lmstack.engine.model_runner import PagedAttention
+
+    lengths = torch.randint(150, 281, (batch,), generator=gen)
+    width = int(lengths.max() + block_size - 1) // block_size
+    num_blocks = 1024  # the pool is larger than the batch's blocks, which lie scattered in it
+    pool = torch.randn(2, kv_heads, num_blocks, block_size, dim, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * width].view(batch, width)
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    ctx = PagedAttention(None, torch.empty(0), torch.empty(0), tables, lengths, [])
+    base, ours = _pair(
+        lambda: ctx._decode_torch(q, pool),
+        lambda: paged_kernel.paged_decode(q, pool, tables, lengths),
+        repeats=20,
+    )
+    return _row("decode attention (paged, one layer)", f"{batch} seqs x 150-280 tokens", base, ours)
 
 
 def _row(kernel: str, shape: str, base: float, ours: float) -> dict:

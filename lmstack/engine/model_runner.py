@@ -9,8 +9,11 @@ prefix.
 
 A step's tokens (decode tokens of running sequences and prefill chunks of new ones) are
 flattened into one forward pass so every linear layer runs once on the whole batch; only
-attention looks at sequences separately: all decode tokens together (keys gathered from
-their blocks, padded, masked), each prefill chunk on its own with a causal mask.
+attention looks at sequences separately: all decode tokens together, each prefill chunk on
+its own with a causal mask. Decode tokens attend through the compiled paged kernel
+(lmstack/engine/paged_kernel.py), which reads keys and values in place from their blocks;
+without a compiler they fall back to gathering the blocks into a padded copy for torch's
+batched matmuls (3x slower per layer for 20 sequences of ~200 tokens).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmstack.engine import paged_kernel
 from lmstack.engine.kv_cache import BlockManager
 from lmstack.engine.scheduler import ScheduledSeq
 from lmstack.engine.sequence import Sequence
@@ -43,15 +47,17 @@ class PagedAttention:
         slots: torch.Tensor,
         decode_rows: torch.Tensor,
         decode_tables: torch.Tensor | None,
-        decode_mask: torch.Tensor | None,
+        decode_lengths: torch.Tensor | None,
         prefills: list[_Prefill],
     ):
         self.runner = runner
         self.slots = slots
         self.decode_rows = decode_rows
         self.decode_tables = decode_tables
-        self.decode_mask = decode_mask
+        self.decode_lengths = decode_lengths
         self.prefills = prefills
+        self._mask: torch.Tensor | None = None
+        self._work: torch.Tensor | None = None  # the kernel's scratch, shared by all layers
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         pool = self.runner.kv_cache[layer]  # [2 (K, V), kv_heads, blocks, block_size, d]
@@ -73,6 +79,17 @@ class PagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, pool: torch.Tensor):
+        if self.runner.use_kernel and paged_kernel.supports(q, pool):
+            if self._work is None:
+                group = q.shape[1] // pool.shape[1]
+                need = torch.get_num_threads() * group * int(self.decode_lengths.max())
+                self._work = torch.empty(need, dtype=torch.float32)
+            return paged_kernel.paged_decode(
+                q, pool, self.decode_tables, self.decode_lengths, self._work
+            )
+        return self._decode_torch(q, pool)
+
+    def _decode_torch(self, q: torch.Tensor, pool: torch.Tensor):
         # q [B, H, d]. Every sequence's blocks are gathered into [kv_heads, B, S, d] (padded;
         # the additive mask hides the padding). Query heads are grouped under the key/value
         # head they share, so GQA needs no K/V copies: explicit batched matmuls here run ~10x
@@ -83,8 +100,13 @@ class PagedAttention:
         kv = pool.index_select(2, self.decode_tables.view(-1))
         keys, values = kv.view(2, kv_heads, batch, -1, dim)  # each [KVH, B, S, d]
         grouped = (q * dim**-0.5).view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)
+        if self._mask is None:
+            key_pos = torch.arange(keys.shape[2])
+            hidden = key_pos[None, :] >= self.decode_lengths[:, None]
+            mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
+            self._mask = mask[:, None, :]  # additive, [B, 1, S] (per KV head)
         scores = (grouped @ keys.transpose(-1, -2)).float()  # [KVH, B, G, S]
-        weights = torch.softmax(scores + self.decode_mask, dim=-1).to(values.dtype)
+        weights = torch.softmax(scores + self._mask, dim=-1).to(values.dtype)
         return (weights @ values).transpose(0, 1).reshape(batch, heads, dim)
 
     def finish_step(self, num_tokens: int) -> None:
@@ -92,9 +114,12 @@ class PagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, use_kernel: bool = True
+    ):
         cfg = model.config
         self.model = model
+        self.use_kernel = use_kernel
         self.block_size = block_size
         shape = (
             cfg.num_hidden_layers,
@@ -148,7 +173,7 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(seq)
 
-        decode_tables = decode_mask = None
+        decode_tables = lengths = None
         if decode_seqs:
             width = max(len(s.block_table) for s in decode_seqs)
             decode_tables = torch.zeros(len(decode_seqs), width, dtype=torch.long)
@@ -156,17 +181,13 @@ class ModelRunner:
             for i, s in enumerate(decode_seqs):
                 decode_tables[i, : len(s.block_table)] = torch.tensor(s.block_table)
                 lengths[i] = s.num_computed_tokens + 1
-            key_pos = torch.arange(width * self.block_size)
-            hidden = key_pos[None, :] >= lengths[:, None]
-            decode_mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
-            decode_mask = decode_mask[:, None, :]  # additive, [B, 1, S] (per KV head)
 
         ctx = PagedAttention(
             self,
             torch.tensor(slots, dtype=torch.long),
             torch.tensor(decode_rows, dtype=torch.long),
             decode_tables,
-            decode_mask,
+            lengths,
             prefills,
         )
         hidden = self.model(torch.tensor(tokens), torch.tensor(positions), ctx)

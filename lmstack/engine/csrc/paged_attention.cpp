@@ -1,0 +1,180 @@
+// Decode attention straight from the paged KV pool: one query token per sequence.
+//
+// The torch path gathers every sequence's blocks into a padded copy, then runs three
+// batched matmuls with three query rows each (scores, softmax, weights @ V): about 90 MB of
+// copying per step for 20 sequences of ~200 tokens, and tiny matmuls. Here each (sequence,
+// KV head) task reads its keys and values in place, block by block, in one pass each, and
+// keeps everything in fp32: scores, softmax and the weighted sum of values.
+//
+// Layouts (all contiguous, row-major):
+//   q      [batch, heads, dim]                          (T: float or bf16 as uint16)
+//   pool   [2 (K, V), kv_heads, num_blocks, block_size, dim]   one layer's pool
+//   tables [batch, width]  int64 block ids;  lengths [batch] int64 visible tokens
+//   out    [batch, heads, dim]
+//   work   [threads, group * max_len] fp32 scratch for the scores
+// Query heads h = kvh * group + g share key/value head kvh (grouped-query attention).
+// Built by lmstack/engine/paged_kernel.py with g++ -O3 -march=native -fopenmp; OpenMP comes
+// from the libgomp torch has already loaded, so the kernel runs on the caller's team.
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+namespace {
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+    uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN (a bit test: -ffast-math drops isnan)
+        p[i] = 0x7FC0;
+        return;
+    }
+    bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest, ties to even
+    p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+constexpr int kMaxDim = 256;
+constexpr int kMaxGroup = 16;
+
+struct Shape {
+    int64_t batch, heads, kv_heads, num_blocks, block_size, width, max_len;
+    float scale;
+};
+
+// One (sequence, KV head) task. D and G are compile-time in the common cases (head size 64
+// or 128, up to 8 query heads per KV head) so the loops over them unroll and vectorise;
+// D = G = 0 is the generic fallback reading them from `dim` and `group`.
+template <typename T, int D, int G>
+void task(const T* q, const T* keys, const T* values, const int64_t* table, int64_t len,
+          T* out, float* scores, int64_t b, int64_t kvh, const Shape& s, int64_t dim_rt,
+          int64_t group_rt) {
+    const int64_t dim = D ? D : dim_rt;
+    const int64_t group = G ? G : group_rt;
+    const int64_t block_stride = s.block_size * dim;
+    const int64_t head_stride = s.num_blocks * block_stride;
+    alignas(64) float qf[G ? G : kMaxGroup][D ? D : kMaxDim];
+    for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+            qf[g][d] = load(q, (b * s.heads + kvh * group + g) * dim + d) * s.scale;
+    float best[G ? G : kMaxGroup];
+    for (int64_t g = 0; g < group; ++g) best[g] = -FLT_MAX;
+    const T* khead = keys + kvh * head_stride;
+    for (int64_t t = 0; t < len; ++t) {
+        const T* k = khead + table[t / s.block_size] * block_stride + (t % s.block_size) * dim;
+        alignas(64) float kf[D ? D : kMaxDim];
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) kf[d] = load(k, d);
+        for (int64_t g = 0; g < group; ++g) {
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < dim; ++d) acc += qf[g][d] * kf[d];
+            scores[g * s.max_len + t] = acc;
+            best[g] = acc > best[g] ? acc : best[g];
+        }
+    }
+    float total[G ? G : kMaxGroup];
+    for (int64_t g = 0; g < group; ++g) {
+        float* row = scores + g * s.max_len;
+        const float top = best[g];
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+            row[t] = expf(row[t] - top);  // vectorised through libmvec (-ffast-math)
+            sum += row[t];
+        }
+        total[g] = sum;
+    }
+    alignas(64) float acc[G ? G : kMaxGroup][D ? D : kMaxDim] = {};
+    const T* vhead = values + kvh * head_stride;
+    for (int64_t t = 0; t < len; ++t) {
+        const T* v = vhead + table[t / s.block_size] * block_stride + (t % s.block_size) * dim;
+        alignas(64) float vf[D ? D : kMaxDim];
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) vf[d] = load(v, d);
+        for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * s.max_len + t];
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) acc[g][d] += p * vf[d];
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.f / total[g];
+        for (int64_t d = 0; d < dim; ++d)
+            store(out, (b * s.heads + kvh * group + g) * dim + d, acc[g][d] * inv);
+    }
+}
+
+template <typename T, int D, int G>
+void decode(const T* q, const T* pool, const int64_t* tables, const int64_t* lengths, T* out,
+            float* work, const Shape& s, int64_t dim, int64_t group) {
+    const T* keys = pool;
+    const T* values = pool + s.kv_heads * s.num_blocks * s.block_size * dim;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < s.batch * s.kv_heads; ++i) {
+        const int64_t b = i / s.kv_heads, kvh = i % s.kv_heads;
+        float* scores = work + omp_get_thread_num() * group * s.max_len;
+        task<T, D, G>(q, keys, values, tables + b * s.width, lengths[b], out, scores, b, kvh, s,
+                      dim, group);
+    }
+}
+
+template <typename T, int D>
+void by_group(const T* q, const T* pool, const int64_t* tables, const int64_t* lengths, T* out,
+              float* work, const Shape& s, int64_t dim, int64_t group) {
+    switch (group) {
+        case 1: return decode<T, D, 1>(q, pool, tables, lengths, out, work, s, dim, group);
+        case 2: return decode<T, D, 2>(q, pool, tables, lengths, out, work, s, dim, group);
+        case 3: return decode<T, D, 3>(q, pool, tables, lengths, out, work, s, dim, group);
+        case 4: return decode<T, D, 4>(q, pool, tables, lengths, out, work, s, dim, group);
+        case 8: return decode<T, D, 8>(q, pool, tables, lengths, out, work, s, dim, group);
+        default: return decode<T, 0, 0>(q, pool, tables, lengths, out, work, s, dim, group);
+    }
+}
+
+template <typename T>
+void dispatch(const void* q, const void* pool, const int64_t* tables, const int64_t* lengths,
+              void* out, float* work, const Shape& s, int64_t dim) {
+    const T* qt = static_cast<const T*>(q);
+    const T* pt = static_cast<const T*>(pool);
+    T* ot = static_cast<T*>(out);
+    const int64_t group = s.heads / s.kv_heads;
+    if (dim == 64) return by_group<T, 64>(qt, pt, tables, lengths, ot, work, s, dim, group);
+    if (dim == 128) return by_group<T, 128>(qt, pt, tables, lengths, ot, work, s, dim, group);
+    decode<T, 0, 0>(qt, pt, tables, lengths, ot, work, s, dim, group);
+}
+
+}  // namespace
+
+extern "C" {
+
+int lmstack_max_threads() { return omp_get_max_threads(); }
+
+// dtype_bytes: 4 (float32) or 2 (bfloat16). Returns 0, or -1 for shapes the kernel's fixed
+// buffers cannot hold (the caller checks these first and falls back to torch).
+int lmstack_paged_decode(const void* q, const void* pool, const int64_t* tables,
+                         const int64_t* lengths, void* out, float* work, int64_t dtype_bytes,
+                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t num_blocks,
+                         int64_t block_size, int64_t dim, int64_t width, int64_t max_len,
+                         float scale) {
+    if (dim > kMaxDim || heads % kv_heads || heads / kv_heads > kMaxGroup) return -1;
+    const Shape s{batch, heads, kv_heads, num_blocks, block_size, width, max_len, scale};
+    if (dtype_bytes == 4)
+        dispatch<float>(q, pool, tables, lengths, out, work, s, dim);
+    else if (dtype_bytes == 2)
+        dispatch<uint16_t>(q, pool, tables, lengths, out, work, s, dim);
+    else
+        return -1;
+    return 0;
+}
+
+}  // extern "C"
