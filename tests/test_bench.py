@@ -79,10 +79,10 @@ def test_bench_kernels_reports_both_sides(capsys):
     code, out, _ = run_cli(["bench", "kernels", "--json"], capsys)
     assert code == 0
     rows = json.loads(out)
-    from lmstack.engine import paged_kernel
+    from lmstack import kernels
 
     expected = {"linear (layer + LM head)", "prefill attention (causal, GQA)"}
-    if paged_kernel.load() is not None:
+    if kernels.load() is not None:
         expected.add("decode attention (paged, one layer)")
     assert {r["kernel"] for r in rows} == expected
     for r in rows:

@@ -8,7 +8,7 @@ Two rows per shape, measured interleaved in one process (so machine noise hits b
   `lmstack.model.attention.sdpa` (4-D inputs, the fused flash kernel);
 - decode attention over the paged KV cache, one layer, 20 sequences of 150-280 tokens in
   scattered blocks: the engine's torch path (gather the blocks, batched matmuls) vs the
-  compiled kernel that reads them in place (lmstack.engine.paged_kernel; skipped where it
+  compiled kernel that reads them in place (lmstack.kernels; skipped where it
   cannot be built).
 """
 
@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmstack.engine import paged_kernel
+from lmstack import kernels
+from lmstack.kernels import ops
 from lmstack.model.attention import sdpa
 from lmstack.model.packed import PackedLinear, packing_supported
 
@@ -81,7 +82,7 @@ def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
 
         base, ours = _pair(math_path, flash_path, repeats=4)
         results.append(_row("prefill attention (causal, GQA)", f"{tokens} tokens", base, ours))
-    if paged_kernel.load() is not None:
+    if kernels.load() is not None:
         results.append(_paged_decode_row(heads, kv_heads, dim, dtype, gen))
     return results
 
@@ -98,7 +99,7 @@ def _paged_decode_row(heads, kv_heads, dim, dtype, gen, batch=20, block_size=16)
     ctx = PagedAttention(None, torch.empty(0), torch.empty(0), tables, lengths, [])
     base, ours = _pair(
         lambda: ctx._decode_torch(q, pool),
-        lambda: paged_kernel.paged_decode(q, pool, tables, lengths),
+        lambda: ops.paged_decode(q, pool, tables, lengths),
         repeats=20,
     )
     return _row("decode attention (paged, one layer)", f"{batch} seqs x 150-280 tokens", base, ours)

@@ -11,7 +11,7 @@ A step's tokens (decode tokens of running sequences and prefill chunks of new on
 flattened into one forward pass so every linear layer runs once on the whole batch; only
 attention looks at sequences separately: all decode tokens together, each prefill chunk on
 its own with a causal mask. Decode tokens attend through the compiled paged kernel
-(lmstack/engine/paged_kernel.py), which reads keys and values in place from their blocks;
+(lmstack.kernels), which reads keys and values in place from their blocks;
 without a compiler they fall back to gathering the blocks into a padded copy for torch's
 batched matmuls (3x slower per layer for 20 sequences of ~200 tokens).
 """
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lmstack.engine import paged_kernel
 from lmstack.engine.kv_cache import BlockManager
 from lmstack.engine.scheduler import ScheduledSeq
 from lmstack.engine.sequence import Sequence
+from lmstack.kernels import ops
 from lmstack.model.attention import sdpa
 from lmstack.model.llama import LlamaForCausalLM
 
@@ -79,14 +79,12 @@ class PagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, pool: torch.Tensor):
-        if self.runner.use_kernel and paged_kernel.supports(q, pool):
+        if self.runner.use_kernel and ops.supports_paged(q, pool):
             if self._work is None:
                 group = q.shape[1] // pool.shape[1]
                 need = torch.get_num_threads() * group * int(self.decode_lengths.max())
                 self._work = torch.empty(need, dtype=torch.float32)
-            return paged_kernel.paged_decode(
-                q, pool, self.decode_tables, self.decode_lengths, self._work
-            )
+            return ops.paged_decode(q, pool, self.decode_tables, self.decode_lengths, self._work)
         return self._decode_torch(q, pool)
 
     def _decode_torch(self, q: torch.Tensor, pool: torch.Tensor):

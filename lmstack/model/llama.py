@@ -10,6 +10,11 @@ keys and values are stored, and which tokens each query may see, is up to the at
 context passed in (lmstack.model.cache, or the engine's paged cache).
 Parameter names follow Hugging Face's LlamaForCausalLM, except that q/k/v and gate/up are
 fused at load time (fuse_hf_state_dict), so HF checkpoints load unchanged.
+
+Inference on a CPU runs the element-wise layers through lmstack.kernels where they are
+built: RMSNorm fused with the residual add before it, RoPE in place on the qkv output,
+and SiLU(gate) * up, each one pass instead of 4-8 small torch ops (decode steps are
+bound by the number of ops). The torch code below is the definition and the fallback.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
+from lmstack.kernels import ops
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
 
 DTYPES = {
@@ -52,6 +58,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous() and ops.usable(x, self.weight):
+            return ops.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 (bf16 squares lose precision), scale in the model dtype, as HF
         # does; torch's fused rms_norm keeps it to three kernels per call.
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -71,15 +79,25 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """(cos, sin) for these positions, [N, 1, d]: computed once per forward pass and
-        shared by all layers (per-layer lookups are pure overhead in small decode steps)."""
+        shared by all layers (per-layer lookups are pure overhead in small decode steps).
+        Where the kernel rotates, (positions, cos table, sin table) instead (KernelRope)."""
+        probe = torch.empty(0, dtype=dtype)
+        if ops.usable(probe) and self.cos.dtype == torch.float32:
+            return KernelRope((positions.long().contiguous(), self.cos, self.sin))
         return (
             self.cos[positions].unsqueeze(1).to(dtype),
             self.sin[positions].unsqueeze(1).to(dtype),
         )
 
 
-def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [N, heads, d] rotated by its positions' angles."""
+class KernelRope(tuple):
+    """(positions [N], cos [P, d], sin [P, d]) for lmstack.kernels.ops.rope_."""
+
+
+def apply_rotary(x: torch.Tensor, rope) -> torch.Tensor:
+    """x [N, heads, d] rotated by its positions' angles (in place on the kernel path)."""
+    if isinstance(rope, KernelRope):
+        return ops.rope_(x, *rope)
     cos, sin = rope
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -120,7 +138,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dim() == 2 and ops.usable(gate_up):
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -167,9 +188,23 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, cache) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [N, hidden]
         rope = self.rotary(positions, x.dtype)
+        if len(self.layers) and x.dim() == 2 and ops.usable(x, self.norm.weight):
+            return self._forward_fused(x, rope, cache)
         for layer in self.layers:
             x = layer(x, rope, cache)
         return self.norm(x)
+
+    def _forward_fused(self, x, rope, cache) -> torch.Tensor:
+        """The layers of DecoderLayer.forward, with each residual add fused into the norm
+        after it. x is this pass's own residual stream; the kernel adds into it in place."""
+        layers = self.layers
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            post = layer.post_attention_layernorm
+            h = ops.rms_norm(x, post.weight, post.eps, delta=layer.self_attn(h, rope, cache))
+            after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h = ops.rms_norm(x, after.weight, after.eps, delta=layer.mlp(h))
+        return h
 
 
 class LlamaForCausalLM(nn.Module):

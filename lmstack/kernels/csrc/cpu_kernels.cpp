@@ -13,7 +13,7 @@
 //   out    [batch, heads, dim]
 //   work   [threads, group * max_len] fp32 scratch for the scores
 // Query heads h = kvh * group + g share key/value head kvh (grouped-query attention).
-// Built by lmstack/engine/paged_kernel.py with g++ -O3 -march=native -fopenmp; OpenMP comes
+// Built by lmstack/kernels/__init__.py with g++ -O3 -march=native -fopenmp; OpenMP comes
 // from the libgomp torch has already loaded, so the kernel runs on the caller's team.
 
 #include <cfloat>
@@ -172,6 +172,119 @@ int lmstack_paged_decode(const void* q, const void* pool, const int64_t* tables,
         dispatch<float>(q, pool, tables, lengths, out, work, s, dim);
     else if (dtype_bytes == 2)
         dispatch<uint16_t>(q, pool, tables, lengths, out, work, s, dim);
+    else
+        return -1;
+    return 0;
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------
+// Element-wise layers of a decoder block, fused. In a decode step each of these is a chain
+// of 4-8 small torch ops (casts, pow, mean, rsqrt, cat, neg...) whose dispatch costs more
+// than the arithmetic; here each is one pass over the rows, computed in fp32 and rounded
+// once to the model's dtype.
+
+namespace {
+
+template <typename T>
+void rms_norm_rows(T* residual, const T* delta, const T* weight, T* out, int64_t rows,
+                   int64_t dim, float eps) {
+#pragma omp parallel for if (rows * dim > 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        T* x = residual + r * dim;
+        float sum = 0.f;
+        for (int64_t d = 0; d < dim; ++d) {
+            float v = load(x, d);
+            if (delta) {  // residual += delta, rounded to T as torch's add would
+                store(x, d, v + load(delta + r * dim, d));
+                v = load(x, d);
+            }
+            sum += v * v;
+        }
+        const float inv = 1.f / std::sqrt(sum / dim + eps);
+        for (int64_t d = 0; d < dim; ++d) {
+            // normalise in fp32, round to T, then scale by the weight (HF's order)
+            T normed;
+            store(&normed, 0, load(x, d) * inv);
+            store(out + r * dim, d, load(&normed, 0) * load(weight, d));
+        }
+    }
+}
+
+// x [rows, heads, dim] with row stride `stride` elements, rotated in place (rotate-half
+// RoPE); cos/sin are fp32 tables [positions, dim] indexed by each row's position.
+template <typename T>
+void rope_rows(T* x, int64_t rows, int64_t heads, int64_t dim, int64_t stride,
+               const int64_t* positions, const float* cos, const float* sin) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for if (rows * heads * dim > 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* c = cos + positions[r] * dim;
+        const float* s = sin + positions[r] * dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            T* v = x + r * stride + h * dim;
+            for (int64_t d = 0; d < half; ++d) {
+                const float a = load(v, d), b = load(v, d + half);
+                store(v, d, a * c[d] - b * s[d]);
+                store(v, d + half, b * c[d + half] + a * s[d + half]);
+            }
+        }
+    }
+}
+
+// gate_up [rows, 2 * inter] -> out [rows, inter] = silu(gate) * up
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t inter) {
+#pragma omp parallel for if (rows * inter > 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const T* g = gate_up + r * 2 * inter;
+        const T* u = g + inter;
+        for (int64_t d = 0; d < inter; ++d) {
+            const float a = load(g, d);
+            store(out + r * inter, d, a / (1.f + expf(-a)) * load(u, d));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// delta may be null (plain RMSNorm of `residual`, which is then only read).
+int lmstack_rms_norm(void* residual, const void* delta, const void* weight, void* out,
+                     int64_t dtype_bytes, int64_t rows, int64_t dim, float eps) {
+    if (dtype_bytes == 4)
+        rms_norm_rows(static_cast<float*>(residual), static_cast<const float*>(delta),
+                      static_cast<const float*>(weight), static_cast<float*>(out), rows, dim, eps);
+    else if (dtype_bytes == 2)
+        rms_norm_rows(static_cast<uint16_t*>(residual), static_cast<const uint16_t*>(delta),
+                      static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows,
+                      dim, eps);
+    else
+        return -1;
+    return 0;
+}
+
+int lmstack_rope(void* x, int64_t dtype_bytes, int64_t rows, int64_t heads, int64_t dim,
+                 int64_t stride, const int64_t* positions, const float* cos, const float* sin) {
+    if (dim % 2) return -1;
+    if (dtype_bytes == 4)
+        rope_rows(static_cast<float*>(x), rows, heads, dim, stride, positions, cos, sin);
+    else if (dtype_bytes == 2)
+        rope_rows(static_cast<uint16_t*>(x), rows, heads, dim, stride, positions, cos, sin);
+    else
+        return -1;
+    return 0;
+}
+
+int lmstack_silu_mul(const void* gate_up, void* out, int64_t dtype_bytes, int64_t rows,
+                     int64_t inter) {
+    if (dtype_bytes == 4)
+        silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter);
+    else if (dtype_bytes == 2)
+        silu_mul_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows,
+                      inter);
     else
         return -1;
     return 0;

@@ -1,15 +1,14 @@
-"""The compiled paged decode-attention kernel against plain attention, and its fallbacks."""
+"""The compiled CPU kernels against the torch code they replace, and their fallbacks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmstack.engine import paged_kernel
+from lmstack import kernels
+from lmstack.kernels import ops
 
-pytestmark = pytest.mark.skipif(
-    paged_kernel.load() is None, reason=f"kernel {paged_kernel.status()}"
-)
+pytestmark = pytest.mark.skipif(kernels.load() is None, reason=f"kernels {kernels.status()}")
 
 
 def _case(heads, kv_heads, dim, lengths, dtype, block_size=16, seed=0):
@@ -47,7 +46,7 @@ def test_kernel_matches_attention(heads, kv_heads, dim, dtype):
     # Lengths straddle block edges (1, 15, 16, 17) and differ within the batch.
     lengths = [1, 15, 16, 17, 200, 33]
     q, pool, tables, lens = _case(heads, kv_heads, dim, lengths, dtype)
-    out = paged_kernel.paged_decode(q, pool, tables, lens)
+    out = ops.paged_decode(q, pool, tables, lens)
     assert out.dtype == dtype and out.shape == q.shape
     ref = _reference(q, pool, tables, lens)
     tol = 2e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's own rounding
@@ -85,16 +84,75 @@ def test_engine_decodes_the_same_tokens_with_and_without_the_kernel(model):
 
 
 def test_disabled_or_unbuildable_kernel_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(paged_kernel, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("LMSTACK_KERNELS", "0")
-    assert paged_kernel.load() is None
-    assert "LMSTACK_KERNELS=0" in paged_kernel.status()
+    assert kernels.load() is None
+    assert "LMSTACK_KERNELS=0" in kernels.status()
     q, pool, _, _ = _case(9, 3, 64, [5], torch.float32)
-    assert not paged_kernel.supports(q, pool)
+    with torch.inference_mode():
+        assert not ops.supports_paged(q, pool)
 
-    monkeypatch.setattr(paged_kernel, "_state", {})
+    monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.delenv("LMSTACK_KERNELS")
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path / "cache"))
-    assert paged_kernel.load() is None
-    assert "no-such-compiler" in paged_kernel.status()
+    assert kernels.load() is None
+    assert "no-such-compiler" in kernels.status()
+
+
+def test_kernels_stay_out_of_autograd():
+    x = torch.randn(4, 8, requires_grad=True)
+    assert not ops.usable(x)  # grad enabled: the torch path records the graph
+    with torch.no_grad():
+        assert ops.usable(x)
+    with kernels.disabled():
+        assert kernels.load() is None and "disabled" in kernels.status()
+    assert kernels.load() is not None
+
+
+def _torch_rms(x, w, eps):
+    return w * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_kernels_match_torch(dtype):
+    from lmstack.model.llama import RotaryEmbedding, apply_rotary
+
+    gen = torch.Generator().manual_seed(1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    x = torch.randn(7, 576, generator=gen).to(dtype)
+    delta = torch.randn(7, 576, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        assert (ops.rms_norm(x, w, 1e-5).float() - _torch_rms(x, w, 1e-5).float()).abs().max() < tol
+        residual = x.clone()
+        fused = ops.rms_norm(residual, w, 1e-5, delta=delta)
+        assert torch.equal(residual, x + delta)  # the add rounds exactly as torch's
+        expected = _torch_rms(x + delta, w, 1e-5)
+        assert (fused.float() - expected.float()).abs().max() < tol
+
+        rot = RotaryEmbedding(64, 512, 10000.0)
+        positions = torch.tensor([0, 1, 5, 300, 511, 2, 9])
+        qkv = torch.randn(7, 15, 64, generator=gen).to(dtype)  # 9 q + 3 k + 3 v heads
+        cos, sin = rot.cos[positions][:, None].to(dtype), rot.sin[positions][:, None].to(dtype)
+        reference = apply_rotary(qkv[:, :12], (cos, sin))
+        ops.rope_(qkv[:, :12], positions, rot.cos, rot.sin)  # in place, inside the wider row
+        assert (qkv[:, :12].float() - reference.float()).abs().max() < 2 * tol
+        assert torch.equal(qkv[0, :12], reference[0])  # position 0 is the identity
+
+        gate_up = torch.randn(7, 2 * 1536, generator=gen).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch_silu = torch.nn.functional.silu(gate) * up
+        assert (ops.silu_mul(gate_up).float() - torch_silu.float()).abs().max() < 2 * tol
+
+
+def test_model_logits_with_and_without_kernels(model):
+    model = model[0]
+    ids = torch.tensor([1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 2])
+    from lmstack.model.cache import NoCache
+
+    with torch.inference_mode():
+        fast = model(ids, torch.arange(len(ids)), NoCache())
+        with kernels.disabled():
+            slow = model(ids, torch.arange(len(ids)), NoCache())
+    assert (fast - slow).abs().max().item() < 1e-4

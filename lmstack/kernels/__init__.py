@@ -1,0 +1,133 @@
+"""lmstack's CPU kernels (csrc/cpu_kernels.cpp), built on first use.
+
+- `paged_decode`: decode attention straight from the paged KV pool (the engine);
+- `rms_norm` (optionally fused with the residual add), `rope_`, `silu_mul`: the
+  element-wise layers of a decoder block (the model's inference path).
+
+The C++ source is compiled once per machine with the system's g++ (-O3 -march=native
+-fopenmp) into $LMSTACK_CACHE/kernels/, named by a hash of the source, the flags, the
+compiler and the CPU, and loaded with ctypes (which releases the GIL during the call).
+Loaded after torch, the library's libgomp.so.1 resolves to the copy torch already
+loaded, so the kernel's parallel loop runs on the calling thread's OpenMP team rather than
+starting a second runtime (tests/test_kernels.py checks that only one is mapped).
+
+Where there is no compiler, the build fails or LMSTACK_KERNELS=0, `load()` returns None
+and every caller keeps its torch path; `status()` says which and why. `disabled()` turns
+them off for a block of code (tests and benchmarks compare both paths in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lmstack.config import cache_dir
+
+log = logging.getLogger("lmstack.engine")
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+MAX_DIM, MAX_GROUP = 256, 16  # the kernel's fixed buffers (see the source)
+
+_state: dict = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[0]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
+        key.update(part)
+    key.update(_cpu_signature().encode())
+    target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {
+    "lmstack_paged_decode": [_P] * 6 + [_I] * 9 + [_F],
+    "lmstack_rms_norm": [_P] * 4 + [_I] * 3 + [_F],
+    "lmstack_rope": [_P] + [_I] * 5 + [_P] * 3,
+    "lmstack_silu_mul": [_P] * 2 + [_I] * 3,
+}
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+    return lib
+
+
+def load():
+    """The kernel library (ctypes), or None when off or unavailable (see `status()`)."""
+    if _state.get("off"):
+        return None
+    if "lib" in _state:
+        return _state["lib"]
+    lib, reason = None, ""
+    if os.environ.get("LMSTACK_KERNELS", "1") == "0":
+        reason = "disabled by LMSTACK_KERNELS=0"
+    else:
+        compiler = os.environ.get("CXX", "g++")
+        try:
+            lib = _bind(_build(compiler))
+            reason = "compiled"
+        except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
+            reason = f"unavailable ({type(exc).__name__}: {exc}); using the torch path"
+            log.warning("CPU kernels %s", reason)
+    _state["lib"], _state["reason"] = lib, reason
+    return lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run a block on the torch paths (the kernels stay loaded)."""
+    before = _state.get("off", False)
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = before
+
+
+def status() -> str:
+    if _state.get("off"):
+        return "turned off for this block (kernels.disabled())"
+    load()
+    return _state["reason"]

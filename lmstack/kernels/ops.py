@@ -1,0 +1,140 @@
+"""Tensor-level wrappers of the CPU kernels: shapes checked, outputs allocated.
+
+Every function here has a torch path beside it at its call site; `usable(*tensors)` says
+whether the kernels may take these tensors (loaded, CPU, fp32 or bf16, and no autograd:
+they work in place and record nothing, so with grad enabled the torch path runs), and the
+callers fall back otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmstack.kernels import MAX_DIM, MAX_GROUP, load
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    if torch.is_grad_enabled() or load() is None:
+        return False
+    dtype = tensors[0].dtype
+    return dtype in _DTYPES and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise ValueError(f"CPU kernel {what} refused its arguments (code {code})")
+
+
+def supports_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = pool.shape[1]
+    return (
+        usable(q, pool)
+        and pool.is_contiguous()
+        and dim <= MAX_DIM
+        and heads % kv_heads == 0
+        and heads // kv_heads <= MAX_GROUP
+    )
+
+
+def paged_decode(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence over its blocks: q [B, H, d] -> [B, H, d].
+
+    pool is one layer's [2, kv_heads, blocks, block_size, d]; tables [B, W] and lengths
+    [B] are int64 (lengths count the visible tokens, the current one included). `work`,
+    fp32 scratch of at least threads * group * max(lengths) elements, may be shared by
+    the layers of a step.
+    """
+    batch, heads, dim = q.shape
+    _, kv_heads, num_blocks, block_size, _ = pool.shape
+    q = q.contiguous()
+    tables = tables.contiguous()
+    max_len = int(lengths.max())
+    need = torch.get_num_threads() * (heads // kv_heads) * max_len
+    if work is None or work.numel() < need:
+        work = torch.empty(need, dtype=torch.float32)
+    out = torch.empty_like(q)
+    code = load().lmstack_paged_decode(
+        q.data_ptr(),
+        pool.data_ptr(),
+        tables.data_ptr(),
+        lengths.data_ptr(),
+        out.data_ptr(),
+        work.data_ptr(),
+        q.element_size(),
+        batch,
+        heads,
+        kv_heads,
+        num_blocks,
+        block_size,
+        dim,
+        tables.shape[1],
+        max_len,
+        dim**-0.5,
+    )
+    _check(code, f"paged_decode (q {tuple(q.shape)}, pool {tuple(pool.shape)})")
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """weight * RMSNorm(x) for x [N, D]. With `delta`, first x += delta in place (the
+    residual add fused with the next norm); x is then the updated residual stream."""
+    rows, dim = x.shape
+    if not x.is_contiguous() or (delta is not None and not delta.is_contiguous()):
+        raise ValueError("rms_norm needs contiguous rows")
+    out = torch.empty_like(x)
+    code = load().lmstack_rms_norm(
+        x.data_ptr(),
+        None if delta is None else delta.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        x.element_size(),
+        rows,
+        dim,
+        eps,
+    )
+    _check(code, "rms_norm")
+    return out
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate x [N, heads, d] in place by its rows' positions (rotate-half RoPE). x may be a
+    view into a wider row (q and k inside the fused qkv output); cos/sin are fp32 [P, d]."""
+    rows, heads, dim = x.shape
+    if x.stride(2) != 1 or x.stride(1) != dim:
+        raise ValueError(f"rope_ needs [N, heads, d] with contiguous heads, got {x.stride()}")
+    code = load().lmstack_rope(
+        x.data_ptr(),
+        x.element_size(),
+        rows,
+        heads,
+        dim,
+        x.stride(0),
+        positions.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+    )
+    _check(code, "rope_")
+    return x
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [N, 2I] (gate first) -> [N, I]."""
+    rows, width = gate_up.shape
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(rows, width // 2)
+    code = load().lmstack_silu_mul(
+        gate_up.data_ptr(), out.data_ptr(), gate_up.element_size(), rows, width // 2
+    )
+    _check(code, "silu_mul")
+    return out
