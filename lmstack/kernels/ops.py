@@ -50,15 +50,16 @@ def paged_decode(
 
     pool is one layer's [2, kv_heads, blocks, block_size, d]; tables [B, W] and lengths
     [B] are int64 (lengths count the visible tokens, the current one included). `work`,
-    fp32 scratch of at least threads * group * max(lengths) elements, may be shared by
-    the layers of a step.
+    fp32 scratch of threads * group * max(lengths) elements (grown here when short), may
+    be shared by the layers of a step. The kernel runs on at most that many threads.
     """
     batch, heads, dim = q.shape
     _, kv_heads, num_blocks, block_size, _ = pool.shape
     q = q.contiguous()
     tables = tables.contiguous()
     max_len = int(lengths.max())
-    need = torch.get_num_threads() * (heads // kv_heads) * max_len
+    slots = torch.get_num_threads()
+    need = slots * (heads // kv_heads) * max_len
     if work is None or work.numel() < need:
         work = torch.empty(need, dtype=torch.float32)
     out = torch.empty_like(q)
@@ -78,6 +79,7 @@ def paged_decode(
         dim,
         tables.shape[1],
         max_len,
+        slots,
         dim**-0.5,
     )
     _check(code, f"paged_decode (q {tuple(q.shape)}, pool {tuple(pool.shape)})")

@@ -11,7 +11,8 @@
 //   pool   [2 (K, V), kv_heads, num_blocks, block_size, dim]   one layer's pool
 //   tables [batch, width]  int64 block ids;  lengths [batch] int64 visible tokens
 //   out    [batch, heads, dim]
-//   work   [threads, group * max_len] fp32 scratch for the scores
+//   work   [slots, group * max_len] fp32 scratch for the scores; the parallel loop runs
+//          on at most `slots` threads, so a thread's row always exists
 // Query heads h = kvh * group + g share key/value head kvh (grouped-query attention).
 // Built by lmstack/kernels/__init__.py with g++ -O3 -march=native -fopenmp; OpenMP comes
 // from the libgomp torch has already loaded, so the kernel runs on the caller's team.
@@ -47,7 +48,7 @@ constexpr int kMaxDim = 256;
 constexpr int kMaxGroup = 16;
 
 struct Shape {
-    int64_t batch, heads, kv_heads, num_blocks, block_size, width, max_len;
+    int64_t batch, heads, kv_heads, num_blocks, block_size, width, max_len, slots;
     float scale;
 };
 
@@ -119,7 +120,7 @@ void decode(const T* q, const T* pool, const int64_t* tables, const int64_t* len
             float* work, const Shape& s, int64_t dim, int64_t group) {
     const T* keys = pool;
     const T* values = pool + s.kv_heads * s.num_blocks * s.block_size * dim;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(s.slots)
     for (int64_t i = 0; i < s.batch * s.kv_heads; ++i) {
         const int64_t b = i / s.kv_heads, kvh = i % s.kv_heads;
         float* scores = work + omp_get_thread_num() * group * s.max_len;
@@ -157,17 +158,16 @@ void dispatch(const void* q, const void* pool, const int64_t* tables, const int6
 
 extern "C" {
 
-int lmstack_max_threads() { return omp_get_max_threads(); }
-
 // dtype_bytes: 4 (float32) or 2 (bfloat16). Returns 0, or -1 for shapes the kernel's fixed
 // buffers cannot hold (the caller checks these first and falls back to torch).
 int lmstack_paged_decode(const void* q, const void* pool, const int64_t* tables,
                          const int64_t* lengths, void* out, float* work, int64_t dtype_bytes,
                          int64_t batch, int64_t heads, int64_t kv_heads, int64_t num_blocks,
                          int64_t block_size, int64_t dim, int64_t width, int64_t max_len,
-                         float scale) {
-    if (dim > kMaxDim || heads % kv_heads || heads / kv_heads > kMaxGroup) return -1;
-    const Shape s{batch, heads, kv_heads, num_blocks, block_size, width, max_len, scale};
+                         int64_t slots, float scale) {
+    if (dim > kMaxDim || heads % kv_heads || heads / kv_heads > kMaxGroup || slots < 1)
+        return -1;
+    const Shape s{batch, heads, kv_heads, num_blocks, block_size, width, max_len, slots, scale};
     if (dtype_bytes == 4)
         dispatch<float>(q, pool, tables, lengths, out, work, s, dim);
     else if (dtype_bytes == 2)
