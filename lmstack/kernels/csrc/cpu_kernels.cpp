@@ -52,6 +52,15 @@ struct Shape {
     float scale;
 };
 
+// Token t's row of one head's keys or values, converted to fp32 in `row`.
+template <typename T>
+inline void load_row(const T* head, const int64_t* table, int64_t t, const Shape& s,
+                     int64_t dim, float* row) {
+    const T* src = head + (table[t / s.block_size] * s.block_size + t % s.block_size) * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) row[d] = load(src, d);
+}
+
 // One (sequence, KV head) task. D and G are compile-time in the common cases (head size 64
 // or 128, up to 8 query heads per KV head) so the loops over them unroll and vectorise;
 // D = G = 0 is the generic fallback reading them from `dim` and `group`.
@@ -71,10 +80,8 @@ void task(const T* q, const T* keys, const T* values, const int64_t* table, int6
     for (int64_t g = 0; g < group; ++g) best[g] = -FLT_MAX;
     const T* khead = keys + kvh * head_stride;
     for (int64_t t = 0; t < len; ++t) {
-        const T* k = khead + table[t / s.block_size] * block_stride + (t % s.block_size) * dim;
         alignas(64) float kf[D ? D : kMaxDim];
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) kf[d] = load(k, d);
+        load_row(khead, table, t, s, dim, kf);
         for (int64_t g = 0; g < group; ++g) {
             float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -98,10 +105,8 @@ void task(const T* q, const T* keys, const T* values, const int64_t* table, int6
     alignas(64) float acc[G ? G : kMaxGroup][D ? D : kMaxDim] = {};
     const T* vhead = values + kvh * head_stride;
     for (int64_t t = 0; t < len; ++t) {
-        const T* v = vhead + table[t / s.block_size] * block_stride + (t % s.block_size) * dim;
         alignas(64) float vf[D ? D : kMaxDim];
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) vf[d] = load(v, d);
+        load_row(vhead, table, t, s, dim, vf);
         for (int64_t g = 0; g < group; ++g) {
             const float p = scores[g * s.max_len + t];
 #pragma omp simd
