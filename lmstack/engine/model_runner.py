@@ -81,9 +81,7 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, pool: torch.Tensor):
         if self.runner.use_kernel and ops.supports_paged(q, pool):
             if self._work is None:
-                group = q.shape[1] // pool.shape[1]
-                need = torch.get_num_threads() * group * int(self.decode_lengths.max())
-                self._work = torch.empty(need, dtype=torch.float32)
+                self._work = ops.decode_scratch(q, pool, self.decode_lengths)
             return ops.paged_decode(q, pool, self.decode_tables, self.decode_lengths, self._work)
         return self._decode_torch(q, pool)
 

@@ -39,6 +39,13 @@ def supports_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
     )
 
 
+def decode_scratch(q: torch.Tensor, pool: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """fp32 scratch for `paged_decode`: a row of scores per thread, reusable by every layer
+    of a step (same queries' shape, same lengths)."""
+    group = q.shape[1] // pool.shape[1]
+    return torch.empty(torch.get_num_threads() * group * int(lengths.max()), dtype=torch.float32)
+
+
 def paged_decode(
     q: torch.Tensor,
     pool: torch.Tensor,
@@ -49,19 +56,18 @@ def paged_decode(
     """Attention of one query per sequence over its blocks: q [B, H, d] -> [B, H, d].
 
     pool is one layer's [2, kv_heads, blocks, block_size, d]; tables [B, W] and lengths
-    [B] are int64 (lengths count the visible tokens, the current one included). `work`,
-    fp32 scratch of threads * group * max(lengths) elements (grown here when short), may
-    be shared by the layers of a step. The kernel runs on at most that many threads.
+    [B] are int64 (lengths count the visible tokens, the current one included). `work`
+    is `decode_scratch(...)` (made here when missing or short); the kernel runs on at most
+    as many threads as it has rows.
     """
     batch, heads, dim = q.shape
     _, kv_heads, num_blocks, block_size, _ = pool.shape
     q = q.contiguous()
     tables = tables.contiguous()
     max_len = int(lengths.max())
-    slots = torch.get_num_threads()
-    need = slots * (heads // kv_heads) * max_len
-    if work is None or work.numel() < need:
-        work = torch.empty(need, dtype=torch.float32)
+    if work is None or work.numel() < torch.get_num_threads() * (heads // kv_heads) * max_len:
+        work = decode_scratch(q, pool, lengths)
+    slots = min(torch.get_num_threads(), work.numel() // ((heads // kv_heads) * max_len))
     out = torch.empty_like(q)
     code = load().lmstack_paged_decode(
         q.data_ptr(),
