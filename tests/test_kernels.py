@@ -57,10 +57,21 @@ def test_kernel_matches_attention(heads, kv_heads, dim, dtype):
 
 
 def test_kernel_uses_torchs_openmp_runtime():
-    # A second libgomp would start its own thread pool beside torch's on the same cores.
-    with open("/proc/self/maps") as maps:
-        gomp = {line.split()[-1] for line in maps if "libgomp" in line}
-    assert len(gomp) == 1, gomp
+    # A second OpenMP runtime would start its own worker threads beside torch's on the same
+    # cores. With torch's, the kernel's parallel loop runs on the team torch already has.
+    # (Other packages may map their own libgomp under another name, e.g. faiss's; only
+    # what the kernel binds to matters.)
+    import os
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no team to share")
+    torch.randn(512, 512) @ torch.randn(512, 512)  # this thread's torch team exists
+    torch.ones(1 << 20).exp_()
+    before = len(os.listdir("/proc/self/task"))
+    q, pool, tables, lengths = _case(9, 3, 64, [40] * 12, torch.float32)
+    for _ in range(5):
+        ops.paged_decode(q, pool, tables, lengths)
+    assert len(os.listdir("/proc/self/task")) == before
 
 
 def test_engine_decodes_the_same_tokens_with_and_without_the_kernel(model):

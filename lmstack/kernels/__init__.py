@@ -7,9 +7,10 @@
 The C++ source is compiled once per machine with the system's g++ (-O3 -march=native
 -fopenmp) into $LMSTACK_CACHE/kernels/, named by a hash of the source, the flags, the
 compiler and the CPU, and loaded with ctypes (which releases the GIL during the call).
-Loaded after torch, the library's libgomp.so.1 resolves to the copy torch already
-loaded, so the kernel's parallel loop runs on the calling thread's OpenMP team rather than
-starting a second runtime (tests/test_kernels.py checks that only one is mapped).
+Loaded after torch, whose libgomp torch puts in the process's global symbol scope, the
+kernels' OpenMP calls resolve to that runtime: a parallel loop runs on the calling thread's
+existing team rather than starting worker threads of its own (tests/test_kernels.py
+checks that calling the kernel adds no thread to the process).
 
 Where there is no compiler, the build fails or LMSTACK_KERNELS=0, `load()` returns None
 and every caller keeps its torch path; `status()` says which and why. `disabled()` turns
@@ -100,6 +101,8 @@ def load():
         return None
     if "lib" in _state:
         return _state["lib"]
+    import torch  # noqa: F401  (loaded first: its libgomp is the runtime the kernels bind)
+
     lib, reason = None, ""
     if os.environ.get("LMSTACK_KERNELS", "1") == "0":
         reason = "disabled by LMSTACK_KERNELS=0"
