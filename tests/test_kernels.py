@@ -167,3 +167,29 @@ def test_model_logits_with_and_without_kernels(model):
         with kernels.disabled():
             slow = model(ids, torch.arange(len(ids)), NoCache())
     assert (fast - slow).abs().max().item() < 1e-4
+
+
+def test_kernels_in_another_thread_follow_torchs_thread_count():
+    # What AsyncLLMEngine(exclusive_threads=True) leaves for every thread but the engine's:
+    # one torch thread. A kernel called there must not form an OpenMP team of all the cores.
+    import os
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    counts = []
+
+    def work():
+        start = len(os.listdir("/proc/self/task"))
+        with torch.inference_mode():
+            ops.rms_norm(torch.randn(512, 576), torch.ones(576), 1e-5)
+            ops.silu_mul(torch.randn(512, 3072))
+        counts.append((start, len(os.listdir("/proc/self/task"))))
+
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(before)
+    assert counts[0][1] == counts[0][0]

@@ -81,9 +81,9 @@ def _build(compiler: str) -> Path:
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "lmstack_paged_decode": [_P] * 6 + [_I] * 10 + [_F],
-    "lmstack_rms_norm": [_P] * 4 + [_I] * 3 + [_F],
-    "lmstack_rope": [_P] + [_I] * 5 + [_P] * 3,
-    "lmstack_silu_mul": [_P] * 2 + [_I] * 3,
+    "lmstack_rms_norm": [_P] * 4 + [_I] * 4 + [_F],
+    "lmstack_rope": [_P] + [_I] * 6 + [_P] * 3,
+    "lmstack_silu_mul": [_P] * 2 + [_I] * 4,
 }
 
 

@@ -109,6 +109,7 @@ def rms_norm(
         x.element_size(),
         rows,
         dim,
+        torch.get_num_threads(),
         eps,
     )
     _check(code, "rms_norm")
@@ -128,6 +129,7 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torc
         heads,
         dim,
         x.stride(0),
+        torch.get_num_threads(),
         positions.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
@@ -142,7 +144,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     out = gate_up.new_empty(rows, width // 2)
     code = load().lmstack_silu_mul(
-        gate_up.data_ptr(), out.data_ptr(), gate_up.element_size(), rows, width // 2
+        gate_up.data_ptr(),
+        out.data_ptr(),
+        gate_up.element_size(),
+        rows,
+        width // 2,
+        torch.get_num_threads(),
     )
     _check(code, "silu_mul")
     return out

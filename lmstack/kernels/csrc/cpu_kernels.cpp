@@ -192,10 +192,12 @@ int lmstack_paged_decode(const void* q, const void* pool, const int64_t* tables,
 
 namespace {
 
+// Each kernel runs on the caller's torch thread count (`threads`), never on OpenMP's own
+// default: a thread that had not run torch yet would otherwise form a team of every core.
 template <typename T>
 void rms_norm_rows(T* residual, const T* delta, const T* weight, T* out, int64_t rows,
-                   int64_t dim, float eps) {
-#pragma omp parallel for if (rows * dim > 65536)
+                   int64_t dim, float eps, int64_t threads) {
+#pragma omp parallel for num_threads(threads) if (rows * dim > 65536)
     for (int64_t r = 0; r < rows; ++r) {
         T* x = residual + r * dim;
         float sum = 0.f;
@@ -221,9 +223,9 @@ void rms_norm_rows(T* residual, const T* delta, const T* weight, T* out, int64_t
 // RoPE); cos/sin are fp32 tables [positions, dim] indexed by each row's position.
 template <typename T>
 void rope_rows(T* x, int64_t rows, int64_t heads, int64_t dim, int64_t stride,
-               const int64_t* positions, const float* cos, const float* sin) {
+               const int64_t* positions, const float* cos, const float* sin, int64_t threads) {
     const int64_t half = dim / 2;
-#pragma omp parallel for if (rows * heads * dim > 65536)
+#pragma omp parallel for num_threads(threads) if (rows * heads * dim > 65536)
     for (int64_t r = 0; r < rows; ++r) {
         const float* c = cos + positions[r] * dim;
         const float* s = sin + positions[r] * dim;
@@ -240,8 +242,8 @@ void rope_rows(T* x, int64_t rows, int64_t heads, int64_t dim, int64_t stride,
 
 // gate_up [rows, 2 * inter] -> out [rows, inter] = silu(gate) * up
 template <typename T>
-void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t inter) {
-#pragma omp parallel for if (rows * inter > 65536)
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t inter, int64_t threads) {
+#pragma omp parallel for num_threads(threads) if (rows * inter > 65536)
     for (int64_t r = 0; r < rows; ++r) {
         const T* g = gate_up + r * 2 * inter;
         const T* u = g + inter;
@@ -258,38 +260,44 @@ extern "C" {
 
 // delta may be null (plain RMSNorm of `residual`, which is then only read).
 int lmstack_rms_norm(void* residual, const void* delta, const void* weight, void* out,
-                     int64_t dtype_bytes, int64_t rows, int64_t dim, float eps) {
+                     int64_t dtype_bytes, int64_t rows, int64_t dim, int64_t threads, float eps) {
+    if (threads < 1) return -1;
     if (dtype_bytes == 4)
         rms_norm_rows(static_cast<float*>(residual), static_cast<const float*>(delta),
-                      static_cast<const float*>(weight), static_cast<float*>(out), rows, dim, eps);
+                      static_cast<const float*>(weight), static_cast<float*>(out), rows, dim, eps,
+                      threads);
     else if (dtype_bytes == 2)
         rms_norm_rows(static_cast<uint16_t*>(residual), static_cast<const uint16_t*>(delta),
                       static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows,
-                      dim, eps);
+                      dim, eps, threads);
     else
         return -1;
     return 0;
 }
 
 int lmstack_rope(void* x, int64_t dtype_bytes, int64_t rows, int64_t heads, int64_t dim,
-                 int64_t stride, const int64_t* positions, const float* cos, const float* sin) {
-    if (dim % 2) return -1;
+                 int64_t stride, int64_t threads, const int64_t* positions, const float* cos,
+                 const float* sin) {
+    if (dim % 2 || threads < 1) return -1;
     if (dtype_bytes == 4)
-        rope_rows(static_cast<float*>(x), rows, heads, dim, stride, positions, cos, sin);
+        rope_rows(static_cast<float*>(x), rows, heads, dim, stride, positions, cos, sin, threads);
     else if (dtype_bytes == 2)
-        rope_rows(static_cast<uint16_t*>(x), rows, heads, dim, stride, positions, cos, sin);
+        rope_rows(static_cast<uint16_t*>(x), rows, heads, dim, stride, positions, cos, sin,
+                  threads);
     else
         return -1;
     return 0;
 }
 
 int lmstack_silu_mul(const void* gate_up, void* out, int64_t dtype_bytes, int64_t rows,
-                     int64_t inter) {
+                     int64_t inter, int64_t threads) {
+    if (threads < 1) return -1;
     if (dtype_bytes == 4)
-        silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter);
+        silu_mul_rows(static_cast<const float*>(gate_up), static_cast<float*>(out), rows, inter,
+                      threads);
     else if (dtype_bytes == 2)
         silu_mul_rows(static_cast<const uint16_t*>(gate_up), static_cast<uint16_t*>(out), rows,
-                      inter);
+                      inter, threads);
     else
         return -1;
     return 0;
