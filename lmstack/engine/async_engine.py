@@ -21,6 +21,7 @@ a query or draws an attention map cannot form a second team behind the engine's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -144,13 +145,19 @@ class AsyncLLMEngine:
             self._snapshot_drained = self._drained
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up per event loop per step (not one per request): each call_soon_threadsafe
+        # writes to the loop's self-pipe and wakes it.
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             target = self._queues.get(out.request_id)
             if target is not None:
                 loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                batches.setdefault(loop, []).append((queue, out))
             if out.finished:
                 self._queues.pop(out.request_id, None)
+        for loop, items in batches.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         """A step raised: end every in-flight request with the error instead of hanging."""
@@ -239,3 +246,8 @@ class AsyncLLMEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+
+
+def _put_all(items: list) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

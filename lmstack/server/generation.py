@@ -51,6 +51,24 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) as the engine produces them, until every choice finished."""
+        try:
+            if len(self.handles) == 1:
+                # One choice (nearly every request): await its queue directly; a task and an
+                # asyncio.wait per token were most of the event loop's work per streamed token.
+                queue = self.handles[0][1]
+                finished = False
+                while not finished:
+                    out = await queue.get()
+                    self._observe(0, out)
+                    finished = out.finished
+                    yield 0, out
+                return
+            async for item in self._merged():
+                yield item
+        finally:
+            self.close()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         pending = {asyncio.ensure_future(q.get()): i for i, (_, q) in enumerate(self.handles)}
         try:
             while pending:
@@ -65,7 +83,6 @@ class Generation:
         finally:
             for future in pending:
                 future.cancel()
-            self.close()
 
     async def collect(self) -> tuple[list[RequestOutput], list[list[TokenLogprob]]]:
         logprobs: list[list[TokenLogprob]] = [[] for _ in self.handles]
