@@ -54,10 +54,9 @@ def _build(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode()):
-        key.update(part)
-    key.update(_cpu_signature().encode())
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (" ".join(FLAGS), version, _cpu_signature()):
+        key.update(part.encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

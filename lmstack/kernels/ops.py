@@ -15,11 +15,14 @@ from lmstack.kernels import MAX_DIM, MAX_GROUP, load
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
+def available(dtype: torch.dtype) -> bool:
+    """Whether the kernels may run now, for tensors of this dtype."""
+    return dtype in _DTYPES and not torch.is_grad_enabled() and load() is not None
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    if torch.is_grad_enabled() or load() is None:
-        return False
     dtype = tensors[0].dtype
-    return dtype in _DTYPES and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
+    return available(dtype) and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors)
 
 
 def _check(code: int, what: str) -> None:
@@ -39,11 +42,15 @@ def supports_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
     )
 
 
+def _scores_per_thread(q: torch.Tensor, pool: torch.Tensor, lengths: torch.Tensor) -> int:
+    return q.shape[1] // pool.shape[1] * int(lengths.max())  # query heads per KV head x keys
+
+
 def decode_scratch(q: torch.Tensor, pool: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """fp32 scratch for `paged_decode`: a row of scores per thread, reusable by every layer
     of a step (same queries' shape, same lengths)."""
-    group = q.shape[1] // pool.shape[1]
-    return torch.empty(torch.get_num_threads() * group * int(lengths.max()), dtype=torch.float32)
+    size = torch.get_num_threads() * _scores_per_thread(q, pool, lengths)
+    return torch.empty(size, dtype=torch.float32)
 
 
 def paged_decode(
@@ -64,10 +71,11 @@ def paged_decode(
     _, kv_heads, num_blocks, block_size, _ = pool.shape
     q = q.contiguous()
     tables = tables.contiguous()
-    max_len = int(lengths.max())
-    if work is None or work.numel() < torch.get_num_threads() * (heads // kv_heads) * max_len:
+    row = _scores_per_thread(q, pool, lengths)
+    threads = torch.get_num_threads()
+    if work is None or work.numel() < threads * row:
         work = decode_scratch(q, pool, lengths)
-    slots = min(torch.get_num_threads(), work.numel() // ((heads // kv_heads) * max_len))
+    slots = min(threads, work.numel() // row)
     out = torch.empty_like(q)
     code = load().lmstack_paged_decode(
         q.data_ptr(),
@@ -84,7 +92,7 @@ def paged_decode(
         block_size,
         dim,
         tables.shape[1],
-        max_len,
+        int(lengths.max()),
         slots,
         dim**-0.5,
     )

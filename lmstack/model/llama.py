@@ -81,8 +81,7 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) for these positions, [N, 1, d]: computed once per forward pass and
         shared by all layers (per-layer lookups are pure overhead in small decode steps).
         Where the kernel rotates, (positions, cos table, sin table) instead (KernelRope)."""
-        probe = torch.empty(0, dtype=dtype)
-        if ops.usable(probe) and self.cos.dtype == torch.float32:
+        if ops.available(dtype) and self.cos.dtype == torch.float32:
             return KernelRope((positions.long().contiguous(), self.cos, self.sin))
         return (
             self.cos[positions].unsqueeze(1).to(dtype),
