@@ -140,6 +140,11 @@ def test_a_repeat_glued_on_without_a_space_is_still_a_repeat():
     zwj = "We are checking the delivery time.\u200dWe are checking the delivery time."
     assert split_sentences(zwj) == ["We are checking the delivery time."] * 2
     assert not re.match(REPLY_PATTERN, zwj + " Thanks for waiting on us.")
+    # ... and with the mojibake of an ellipsis ("\u2026" as Latin-1: a, C1 control, broken
+    # bar), which passed as "a lowercase letter follows" until control characters were barred.
+    mojibake = "Estamos revisando su pedido.\u00e2\x80\u00a6I understand the delivery time."
+    assert not re.match(REPLY_PATTERN, mojibake + " Thanks for waiting on us. We will help.")
+    assert re.match(REPLY_PATTERN, "Está en camino. Llega mañana. Gracias por esperar.")
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,11 @@ Urgency = Literal["Low", "Medium", "High", "Critical"]
 # One sentence: ends with . ! or ?, and has them inside only when a lowercase letter or a
 # digit follows ("john.doe@email.com", "$9.99", not "Thanks.We" nor "time.\u200dI"), which
 # is how split_sentences counts too. Invisible format characters (zero-width space/joiner,
-# soft hyphen, BOM) are not allowed at all: the model used them to glue sentences. At most
-# 240 characters, so a looping model reaches the end of its reply instead of max_tokens.
-_INVISIBLE = "\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\ufeff"
+# soft hyphen, BOM) are not allowed at all: the model used them to glue sentences; nor are
+# control characters (C0, DEL, C1), after the model glued "puería.â\x80¦I" with the mojibake
+# of an ellipsis. At most 240 characters, so a looping model reaches the end of its reply
+# instead of max_tokens.
+_INVISIBLE = "\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\ufeff" r"\x00-\x1f\x7f-\x9f"
 _CONTINUES = "a-z0-9ß-öø-ÿ"  # what may follow . ! ? inside a sentence
 _UNIT = rf"(?:[^.!?\n\"\\{_INVISIBLE}]|[.!?][{_CONTINUES}])"
 _SENTENCE = rf"{_UNIT}{{8,240}}[.!?]"
