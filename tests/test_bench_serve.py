@@ -105,6 +105,10 @@ def test_bench_serve_cli_writes_json_and_plots(server_url, tmp_path, capsys):
     assert exc.value.code == 0
     summary = json.loads(out.read_text())
     assert summary["completed"] == 4 and summary["goodput"]["fraction"] == 1.0
+    records = summary["per_request"]
+    assert len(records) == 4 and all(r["ok"] and r["output_tokens"] > 0 for r in records)
+    e2e = sorted(r["e2e_s"] for r in records)
+    assert e2e[1] - 1e-4 <= summary["e2e_s"]["p50"] <= e2e[2] + 1e-4  # P50 of four lies between
     for name in ("run-latency-cdf.png", "run-throughput.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "TTFT" in capsys.readouterr().out

@@ -170,7 +170,9 @@ def serve_command(
     slo_tpot: float | None = typer.Option(None, "--slo-tpot", help="Goodput SLO, seconds"),
     slo_e2e: float | None = typer.Option(None, "--slo-e2e", help="Goodput SLO, seconds"),
     api_key: str | None = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
-    json_out: str | None = typer.Option(None, "--json", help="Write the summary to this file"),
+    json_out: str | None = typer.Option(
+        None, "--json", help="Write the summary and per-request records to this file"
+    ),
     plot: str | None = typer.Option(None, "--plot", help="PNG prefix for CDFs and throughput"),
 ) -> None:
     """Stream requests to a server and report TTFT, TPOT, ITL, latency and goodput."""
@@ -228,7 +230,8 @@ def serve_command(
         f"{summary['goodput']['requests_per_s']:.2f} req/s ({summary['goodput']['fraction']:.0%})"
     )
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2))
+        detail = {**summary, "per_request": serve.per_request(results)}
+        Path(json_out).write_text(json.dumps(detail, indent=2))
     if plot:
         for png in serve.write_plots(results, wall, Path(plot)):
             console.print(f"wrote {png}")

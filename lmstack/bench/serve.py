@@ -125,6 +125,23 @@ def summarize(
     return summary
 
 
+def per_request(results: list[RequestResult]) -> list[dict]:
+    """One record per request, in sending order, for the --json file (where a tail comes
+    from: which requests were slow, when they started, and how long they waited)."""
+    return [
+        {
+            "start_s": round(r.start, 4),
+            "ok": r.ok,
+            "ttft_s": None if r.ttft is None else round(r.ttft, 4),
+            "e2e_s": None if r.e2e is None else round(r.e2e, 4),
+            "prompt_tokens": r.prompt_tokens,
+            "output_tokens": r.output_tokens,
+            "error": r.error,
+        }
+        for r in results
+    ]
+
+
 def write_plots(results: list[RequestResult], wall: float, out_prefix: Path) -> list[Path]:
     """latency CDFs (TTFT, TPOT, E2E) and output tokens/s over time, as PNGs."""
     import matplotlib
