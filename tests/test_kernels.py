@@ -193,3 +193,68 @@ def test_kernels_in_another_thread_follow_torchs_thread_count():
     finally:
         torch.set_num_threads(before)
     assert counts[0][1] == counts[0][0]
+
+
+needs_bf16_linear = pytest.mark.skipif(
+    not ops.linear_bf16_supported(), reason="no AVX512-BF16: bf16 layers use oneDNN"
+)
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("rows", [1, 5, 20, 37, 257])
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (576, 1536), (100, 576), (49152, 64)])
+def test_linear_bf16_matches_an_fp32_reference(rows, n, k):
+    # Rows cover one tile, uneven tiles and the split of rows between threads (257 x 576);
+    # n = 100 ends in a partly filled block of columns.
+    gen = torch.Generator().manual_seed(rows * n)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    out = ops.linear_bf16(x, ops.pack_bf16(w), n)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    ref = x.double() @ w.double().T
+    # fp32 sums rounded once to bf16: within one bf16 step (2^-8 relative) of the exact value.
+    err = (out.double() - ref).abs() - ref.abs() * 2**-8
+    assert err.max().item() < 1e-3
+
+
+@needs_bf16_linear
+def test_linear_bf16_takes_strided_rows_and_leading_dims():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(192, 128, generator=gen).bfloat16()
+    wide = torch.randn(6, 300, generator=gen).bfloat16()
+    x = wide[:, 40:168]  # rows 300 apart
+    packed = ops.pack_bf16(w)
+    strided = ops.linear_bf16(x, packed, 192)
+    assert torch.equal(strided, ops.linear_bf16(x.contiguous(), packed, 192))
+    batch = torch.randn(2, 3, 128, generator=gen).bfloat16()
+    out = ops.linear_bf16(batch, packed, 192)
+    assert out.shape == (2, 3, 192)
+    assert torch.equal(out.view(6, 192), ops.linear_bf16(batch.view(6, 128), packed, 192))
+    assert ops.linear_bf16(torch.empty(0, 128).bfloat16(), packed, 192).shape == (0, 192)
+
+
+def test_pack_bf16_round_trips_and_refuses_bad_shapes():
+    w = torch.randn(100, 64).bfloat16()
+    packed = ops.pack_bf16(w)
+    assert packed.shape == (2, 32, 64, 2)
+    assert torch.equal(ops.unpack_bf16(packed, 100), w)
+    assert packed.view(-1, 2)[32 * 64 * 2 - 1 :].abs().sum() >= 0  # padding exists, readable
+    with pytest.raises(ValueError, match="even number of input features, got 63"):
+        ops.pack_bf16(torch.randn(8, 63).bfloat16())
+    with pytest.raises(ValueError, match="width 64"):
+        ops.linear_bf16(torch.randn(3, 32).bfloat16(), packed, 100)
+
+
+@needs_bf16_linear
+def test_kernel_linear_falls_back_to_f_linear_when_kernels_are_off():
+    from lmstack.model.packed import KernelLinear
+
+    w = torch.randn(96, 64).bfloat16()
+    x = torch.randn(7, 64).bfloat16()
+    layer = KernelLinear(w)
+    with torch.inference_mode():
+        fast = layer(x)
+        with kernels.disabled():
+            slow = layer(x)
+    assert torch.equal(slow, torch.nn.functional.linear(x, w))
+    assert (fast.float() - slow.float()).abs().max() <= 2**-7 * slow.float().abs().max()

@@ -1,10 +1,13 @@
-"""lmstack's CPU kernels (csrc/cpu_kernels.cpp), built on first use.
+"""lmstack's CPU kernels (csrc/*.cpp), built on first use.
 
 - `paged_decode`: decode attention straight from the paged KV pool (the engine);
 - `rms_norm` (optionally fused with the residual add), `rope_`, `silu_mul`: the
-  element-wise layers of a decoder block (the model's inference path).
+  element-wise layers of a decoder block (the model's inference path);
+- `linear_bf16`: the model's bf16 linear layers on AVX512-BF16 CPUs (gemm_bf16.cpp;
+  lmstack.model.packed.KernelLinear), compiled to a stub that reports itself unsupported
+  elsewhere.
 
-The C++ source is compiled once per machine with the system's g++ (-O3 -march=native
+The C++ sources are compiled once per machine with the system's g++ (-O3 -march=native
 -fopenmp) into $LMSTACK_CACHE/kernels/, named by a hash of the source, the flags, the
 compiler and the CPU, and loaded with ctypes (which releases the GIL during the call).
 Loaded after torch, whose libgomp torch puts in the process's global symbol scope, the
@@ -33,7 +36,7 @@ from lmstack.config import cache_dir
 
 log = logging.getLogger("lmstack.engine")
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "gemm_bf16.cpp")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_DIM, MAX_GROUP = 256, 16  # the kernel's fixed buffers (see the source)
 
@@ -54,7 +57,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     for part in (" ".join(FLAGS), version, _cpu_signature()):
         key.update(part.encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
@@ -66,7 +69,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
@@ -83,6 +86,8 @@ SIGNATURES = {
     "lmstack_rms_norm": [_P] * 4 + [_I] * 4 + [_F],
     "lmstack_rope": [_P] + [_I] * 6 + [_P] * 3,
     "lmstack_silu_mul": [_P] * 2 + [_I] * 4,
+    "lmstack_linear_bf16": [_P, _I, _I, _I, _P, _I, _P, _I, _I],
+    "lmstack_linear_bf16_supported": [],
 }
 
 

@@ -161,3 +161,55 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     )
     _check(code, "silu_mul")
     return out
+
+
+BF16_BLOCK = 64  # output columns per block of the packed layout (gemm_bf16.cpp)
+
+
+def linear_bf16_supported() -> bool:
+    """Whether the compiled bf16 linear kernel exists here (AVX512-BF16 at build time)."""
+    lib = load()
+    return lib is not None and lib.lmstack_linear_bf16_supported() == 1
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """W [n, k] (k even) -> the kernel's layout [ceil(n/64), k/2, 64, 2] bf16, zero-padded."""
+    n, k = weight.shape
+    if k % 2:
+        raise ValueError(f"pack_bf16 needs an even number of input features, got {k}")
+    blocks = -(-n // BF16_BLOCK)
+    padded = torch.zeros(blocks * BF16_BLOCK, k, dtype=torch.bfloat16)
+    padded[:n] = weight.detach()
+    return padded.view(blocks, BF16_BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The plain weight [n, k] back from `pack_bf16`'s layout (the torch fallback's input)."""
+    blocks, pairs = packed.shape[0], packed.shape[1]
+    return packed.permute(0, 2, 1, 3).reshape(blocks * BF16_BLOCK, 2 * pairs)[:n]
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., k] @ W^T -> [..., n] in bf16, W packed by `pack_bf16`."""
+    k = 2 * packed.shape[1]
+    if x.dtype != torch.bfloat16 or x.shape[-1] != k:
+        raise ValueError(f"linear_bf16 wants bf16 inputs of width {k}, got {x.dtype} {x.shape}")
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    out = x.new_empty(*x.shape[:-1], n)
+    if rows.shape[0] == 0:
+        return out
+    code = load().lmstack_linear_bf16(
+        rows.data_ptr(),
+        rows.shape[0],
+        k,
+        rows.stride(0),
+        packed.data_ptr(),
+        n,
+        out.data_ptr(),
+        n,
+        torch.get_num_threads(),
+    )
+    _check(code, f"linear_bf16 (x {tuple(x.shape)}, W [{n}, {k}])")
+    return out
