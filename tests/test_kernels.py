@@ -39,7 +39,18 @@ def _reference(q, pool, tables, lengths):
 
 @pytest.mark.parametrize(
     "heads,kv_heads,dim",
-    [(9, 3, 64), (4, 4, 64), (8, 2, 128), (6, 1, 48), (32, 2, 64)],  # 48 and 16/1: generic
+    # bf16 with head size 64 and 1, 2, 3, 4 or 8 query heads per KV head takes the AVX512-BF16
+    # kernel where there is one; head size 48 or 128, 16 per KV head and fp32: the generic one
+    [
+        (9, 3, 64),
+        (4, 4, 64),
+        (8, 4, 64),
+        (12, 3, 64),
+        (16, 2, 64),
+        (8, 2, 128),
+        (6, 1, 48),
+        (32, 2, 64),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_attention(heads, kv_heads, dim, dtype):

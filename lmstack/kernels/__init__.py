@@ -36,7 +36,10 @@ from lmstack.config import cache_dir
 
 log = logging.getLogger("lmstack.engine")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "gemm_bf16.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("cpu_kernels.cpp", "attention_bf16.cpp", "gemm_bf16.cpp")
+]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_DIM, MAX_GROUP = 256, 16  # the kernel's fixed buffers (see the source)
 

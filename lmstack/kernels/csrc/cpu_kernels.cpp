@@ -52,13 +52,30 @@ struct Shape {
     float scale;
 };
 
-// Token t's row of one head's keys or values, converted to fp32 in `row`.
+// A row of `dim` values converted to fp32 in `row`.
 template <typename T>
-inline void load_row(const T* head, const int64_t* table, int64_t t, const Shape& s,
-                     int64_t dim, float* row) {
-    const T* src = head + (table[t / s.block_size] * s.block_size + t % s.block_size) * dim;
+inline void load_row(const T* src, int64_t dim, float* row) {
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d) row[d] = load(src, d);
+}
+
+// Calls fn(t, row pointer) for the first `len` rows of a sequence's blocks in order, walking
+// the block table block by block. Blocks lie scattered in the pool, so the hardware
+// prefetcher stops at each block's end; the next block is prefetched while this one is
+// computed on (the kernel is bound by memory latency, not arithmetic).
+template <typename T, typename Fn>
+inline void for_each_row(const T* head, const int64_t* table, int64_t len, const Shape& s,
+                         int64_t dim, Fn&& fn) {
+    const int64_t block_bytes = s.block_size * dim * static_cast<int64_t>(sizeof(T));
+    for (int64_t start = 0, j = 0; start < len; start += s.block_size, ++j) {
+        const T* block = head + table[j] * s.block_size * dim;
+        if (start + s.block_size < len) {
+            const char* next = reinterpret_cast<const char*>(head + table[j + 1] * s.block_size * dim);
+            for (int64_t off = 0; off < block_bytes; off += 64) __builtin_prefetch(next + off);
+        }
+        const int64_t rows = len - start < s.block_size ? len - start : s.block_size;
+        for (int64_t r = 0; r < rows; ++r) fn(start + r, block + r * dim);
+    }
 }
 
 // One (sequence, KV head) task. D and G are compile-time in the common cases (head size 64
@@ -70,18 +87,16 @@ void task(const T* q, const T* keys, const T* values, const int64_t* table, int6
           int64_t group_rt) {
     const int64_t dim = D ? D : dim_rt;
     const int64_t group = G ? G : group_rt;
-    const int64_t block_stride = s.block_size * dim;
-    const int64_t head_stride = s.num_blocks * block_stride;
+    const int64_t head_stride = s.num_blocks * s.block_size * dim;
     alignas(64) float qf[G ? G : kMaxGroup][D ? D : kMaxDim];
     for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < dim; ++d)
             qf[g][d] = load(q, (b * s.heads + kvh * group + g) * dim + d) * s.scale;
     float best[G ? G : kMaxGroup];
     for (int64_t g = 0; g < group; ++g) best[g] = -FLT_MAX;
-    const T* khead = keys + kvh * head_stride;
-    for (int64_t t = 0; t < len; ++t) {
+    for_each_row(keys + kvh * head_stride, table, len, s, dim, [&](int64_t t, const T* src) {
         alignas(64) float kf[D ? D : kMaxDim];
-        load_row(khead, table, t, s, dim, kf);
+        load_row(src, dim, kf);
         for (int64_t g = 0; g < group; ++g) {
             float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
@@ -89,7 +104,7 @@ void task(const T* q, const T* keys, const T* values, const int64_t* table, int6
             scores[g * s.max_len + t] = acc;
             best[g] = acc > best[g] ? acc : best[g];
         }
-    }
+    });
     float total[G ? G : kMaxGroup];
     for (int64_t g = 0; g < group; ++g) {
         float* row = scores + g * s.max_len;
@@ -103,16 +118,15 @@ void task(const T* q, const T* keys, const T* values, const int64_t* table, int6
         total[g] = sum;
     }
     alignas(64) float acc[G ? G : kMaxGroup][D ? D : kMaxDim] = {};
-    const T* vhead = values + kvh * head_stride;
-    for (int64_t t = 0; t < len; ++t) {
+    for_each_row(values + kvh * head_stride, table, len, s, dim, [&](int64_t t, const T* src) {
         alignas(64) float vf[D ? D : kMaxDim];
-        load_row(vhead, table, t, s, dim, vf);
+        load_row(src, dim, vf);
         for (int64_t g = 0; g < group; ++g) {
             const float p = scores[g * s.max_len + t];
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) acc[g][d] += p * vf[d];
         }
-    }
+    });
     for (int64_t g = 0; g < group; ++g) {
         const float inv = 1.f / total[g];
         for (int64_t d = 0; d < dim; ++d)
@@ -161,6 +175,13 @@ void dispatch(const void* q, const void* pool, const int64_t* tables, const int6
 
 }  // namespace
 
+// attention_bf16.cpp: bf16, head size 64, on AVX512-BF16; 0 where it does not apply.
+int lmstack_paged_decode_bf16_d64(const void* q, const void* pool, const int64_t* tables,
+                                  const int64_t* lengths, void* out, float* work, int64_t batch,
+                                  int64_t heads, int64_t kv_heads, int64_t num_blocks,
+                                  int64_t block_size, int64_t width, int64_t max_len,
+                                  int64_t slots, float scale);
+
 extern "C" {
 
 // dtype_bytes: 4 (float32) or 2 (bfloat16). Returns 0, or -1 for shapes the kernel's fixed
@@ -172,6 +193,11 @@ int lmstack_paged_decode(const void* q, const void* pool, const int64_t* tables,
                          int64_t slots, float scale) {
     if (dim > kMaxDim || heads % kv_heads || heads / kv_heads > kMaxGroup || slots < 1)
         return -1;
+    if (dtype_bytes == 2 && dim == 64 &&
+        lmstack_paged_decode_bf16_d64(q, pool, tables, lengths, out, work, batch, heads,
+                                      kv_heads, num_blocks, block_size, width, max_len, slots,
+                                      scale))
+        return 0;
     const Shape s{batch, heads, kv_heads, num_blocks, block_size, width, max_len, slots, scale};
     if (dtype_bytes == 4)
         dispatch<float>(q, pool, tables, lengths, out, work, s, dim);
