@@ -80,10 +80,13 @@ def test_bench_kernels_reports_both_sides(capsys):
     assert code == 0
     rows = json.loads(out)
     from lmstack import kernels
+    from lmstack.kernels import ops
 
     expected = {"linear (layer + LM head)", "prefill attention (causal, GQA)"}
     if kernels.load() is not None:
         expected.add("decode attention (paged, one layer)")
+    if ops.linear_bf16_supported():
+        expected.add("linear, decode step (oneDNN packed vs compiled)")
     assert {r["kernel"] for r in rows} == expected
     for r in rows:
         assert r["baseline_ms"] > 0 and r["lmstack_ms"] > 0

@@ -9,7 +9,10 @@ Two rows per shape, measured interleaved in one process (so machine noise hits b
 - decode attention over the paged KV cache, one layer, 20 sequences of 150-280 tokens in
   scattered blocks: the engine's torch path (gather the blocks, batched matmuls) vs the
   compiled kernel that reads them in place (lmstack.kernels; skipped where it
-  cannot be built).
+  cannot be built);
+- a decode step's linear layers, every layer of the model plus the LM head for 20 rows, so
+  the weights stream from memory as in the engine: oneDNN's packed matmul vs lmstack's
+  compiled bf16 kernel (bf16 on AVX512-BF16 CPUs only).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from lmstack import kernels
 from lmstack.kernels import ops
 from lmstack.model.attention import sdpa
-from lmstack.model.packed import PackedLinear, packing_supported
+from lmstack.model.packed import KernelLinear, PackedLinear, packing_supported
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -84,7 +87,32 @@ def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
         results.append(_row("prefill attention (causal, GQA)", f"{tokens} tokens", base, ours))
     if kernels.load() is not None:
         results.append(_paged_decode_row(heads, kv_heads, dim, dtype, gen))
+    if dtype == torch.bfloat16 and ops.linear_bf16_supported():
+        results.append(_streamed_linear_row(shapes, config.num_hidden_layers, gen))
     return results
+
+
+def _streamed_linear_row(shapes, layers: int, gen, rows: int = 20) -> dict:
+    """All layers' weights (and the LM head) once each, as a decode step reads them: far more
+    than the caches hold, so this measures streaming weights, not arithmetic alone."""
+    per_layer, head = shapes[:-1], shapes[-1]
+    weights = []
+    for _ in range(layers):
+        weights += [torch.randn(o, i, generator=gen).bfloat16() * 0.02 for o, i in per_layer]
+    weights.append(torch.randn(*head, generator=gen).bfloat16() * 0.02)
+    onednn = [PackedLinear(w) for w in weights]
+    ours = [KernelLinear(w) for w in weights]
+    del weights
+    x = {i: torch.randn(rows, i, generator=gen).bfloat16() for _, i in shapes}
+
+    def run(layers_):
+        for layer in layers_:
+            layer(x[layer.in_features])
+
+    with torch.inference_mode():
+        base, fast = _pair(lambda: run(onednn), lambda: run(ours), repeats=2)
+    shape = f"{rows} rows x {layers} layers + LM head"
+    return _row("linear, decode step (oneDNN packed vs compiled)", shape, base, fast)
 
 
 def _paged_decode_row(heads, kv_heads, dim, dtype, gen, batch=20, block_size=16) -> dict:
