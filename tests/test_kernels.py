@@ -195,6 +195,9 @@ def test_kernels_in_another_thread_follow_torchs_thread_count():
         with torch.inference_mode():
             ops.rms_norm(torch.randn(512, 576), torch.ones(576), 1e-5)
             ops.silu_mul(torch.randn(512, 3072))
+            if ops.linear_bf16_supported():
+                w = ops.pack_bf16(torch.randn(576, 576).bfloat16())
+                ops.linear_bf16(torch.randn(64, 576).bfloat16(), w, 576)
         counts.append((start, len(os.listdir("/proc/self/task"))))
 
     try:
