@@ -12,7 +12,7 @@ prefill chunk; results are bit-identical to `F.linear` in bf16 (tests/test_packe
 On CPUs with AVX512-BF16, bf16 layers go one step further: `KernelLinear` packs the weight
 for lmstack's own compiled kernel (lmstack/kernels/csrc/gemm_bf16.cpp), which overlaps
 streaming the next block of weights with arithmetic on the current one. A decode step
-streams every weight of the model from memory, and there the kernel is ~1.5x oneDNN's
+streams every weight of the model from memory, and there the kernel is 1.3-1.5x oneDNN's
 packed matmul for 20 rows, and level with it for prefill chunks (`lmstack bench kernels`).
 With the kernels turned off (LMSTACK_KERNELS=0 at load: oneDNN packing instead; later
 `kernels.disabled()` or autograd: `F.linear` on the unpacked weight) results stay correct.

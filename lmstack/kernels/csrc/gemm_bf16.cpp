@@ -3,8 +3,8 @@
 // Why not oneDNN: a decode step multiplies ~20 rows by every weight of the model once, so
 // the weights stream from memory (270 MB for the bundled model, far beyond the L3) and the
 // kernel has to compute on one block while the next one arrives. oneDNN's matmul on its
-// pre-packed weights reaches ~235 GFLOP/s on this pattern; this kernel ~350 (1.5x), and
-// the same as oneDNN for prefill-sized inputs (lmstack bench kernels).
+// pre-packed weights reached 235-280 GFLOP/s on this pattern here; this kernel 1.3-1.5x
+// that (`lmstack bench kernels`: 1.28x), and the same as oneDNN for prefill-sized inputs.
 //
 // Layouts:
 //   x    [m, k] bf16 rows (row stride ldx), k even
