@@ -42,6 +42,19 @@ def supports_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
     )
 
 
+def fast_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether `paged_decode`/`paged_prefill` take the AVX512-BF16 path for these shapes
+    (attention_bf16.cpp: bf16, head size 64, 1-4 or 8 query heads per KV head)."""
+    group = q.shape[1] // pool.shape[1]
+    return (
+        q.dtype == torch.bfloat16
+        and q.shape[2] == 64
+        and group in (1, 2, 3, 4, 8)
+        and supports_paged(q, pool)
+        and linear_bf16_supported()  # compiled with AVX512-BF16, as that path is
+    )
+
+
 def _scores_per_thread(q: torch.Tensor, pool: torch.Tensor, lengths: torch.Tensor) -> int:
     return q.shape[1] // pool.shape[1] * int(lengths.max())  # query heads per KV head x keys
 
@@ -63,14 +76,16 @@ def paged_decode(
     """Attention of one query per sequence over its blocks: q [B, H, d] -> [B, H, d].
 
     pool is one layer's [2, kv_heads, blocks, block_size, d]; tables [B, W] and lengths
-    [B] are int64 (lengths count the visible tokens, the current one included). `work`
-    is `decode_scratch(...)` (made here when missing or short); the kernel runs on at most
-    as many threads as it has rows.
+    [B] are int64 (lengths count the visible tokens, the current one included). Rows of
+    `tables` may share memory (an `expand`ed row: stride 0), as `paged_prefill`'s do.
+    `work` is `decode_scratch(...)` (made here when missing or short); the kernel runs on at
+    most as many threads as it has rows.
     """
     batch, heads, dim = q.shape
     _, kv_heads, num_blocks, block_size, _ = pool.shape
     q = q.contiguous()
-    tables = tables.contiguous()
+    if tables.stride(1) != 1:
+        tables = tables.contiguous()
     row = _scores_per_thread(q, pool, lengths)
     threads = torch.get_num_threads()
     if work is None or work.numel() < threads * row:
@@ -91,13 +106,28 @@ def paged_decode(
         num_blocks,
         block_size,
         dim,
-        tables.shape[1],
+        tables.stride(0),  # elements from one row of the table to the next (0: shared)
         int(lengths.max()),
         slots,
         dim**-0.5,
     )
     _check(code, f"paged_decode (q {tuple(q.shape)}, pool {tuple(pool.shape)})")
     return out
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    table: torch.Tensor,
+    start: int,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of a prefill chunk over its sequence's blocks: q [T, H, d] holds
+    positions start .. start+T-1, whose keys and values are already in the pool; query i
+    sees the first start+i+1 of them. Each query is one decode-style task reading the
+    blocks in place (no gathered copy), all sharing the one block table."""
+    lengths = torch.arange(start + 1, start + q.shape[0] + 1)
+    return paged_decode(q, pool, table.view(1, -1).expand(q.shape[0], -1), lengths, work)
 
 
 def rms_norm(

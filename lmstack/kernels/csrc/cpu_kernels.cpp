@@ -9,7 +9,9 @@
 // Layouts (all contiguous, row-major):
 //   q      [batch, heads, dim]                          (T: float or bf16 as uint16)
 //   pool   [2 (K, V), kv_heads, num_blocks, block_size, dim]   one layer's pool
-//   tables [batch, width]  int64 block ids;  lengths [batch] int64 visible tokens
+//   tables [batch, width]  int64 block ids, row b at tables + b * width (width 0: one row
+//          shared by every query, as for the queries of one prefill chunk);
+//   lengths [batch] int64 visible tokens
 //   out    [batch, heads, dim]
 //   work   [slots, group * max_len] fp32 scratch for the scores; the parallel loop runs
 //          on at most `slots` threads, so a thread's row always exists
@@ -33,15 +35,13 @@ inline float load(const uint16_t* p, int64_t i) {
     return f;
 }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
+// Branch-free (a select, not a jump), so loops over rows vectorise.
 inline void store(uint16_t* p, int64_t i, float v) {
     uint32_t bits;
     std::memcpy(&bits, &v, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN (a bit test: -ffast-math drops isnan)
-        p[i] = 0x7FC0;
-        return;
-    }
-    bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest, ties to even
-    p[i] = static_cast<uint16_t>(bits >> 16);
+    const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;  // nearest, ties even
+    // NaN stays NaN (a bit test: -ffast-math drops isnan)
+    p[i] = static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
 constexpr int kMaxDim = 256;
@@ -273,6 +273,7 @@ void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t inter, int64_
     for (int64_t r = 0; r < rows; ++r) {
         const T* g = gate_up + r * 2 * inter;
         const T* u = g + inter;
+#pragma omp simd
         for (int64_t d = 0; d < inter; ++d) {
             const float a = load(g, d);
             store(out + r * inter, d, a / (1.f + expf(-a)) * load(u, d));
