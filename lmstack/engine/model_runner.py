@@ -61,8 +61,10 @@ class PagedAttention:
         self.decode_lengths = decode_lengths
         self.prefills = prefills
         self._mask: torch.Tensor | None = None
+        # Decided at the first layer, the same for all: "torch", "paged" (the kernel for
+        # decode tokens) or "fast" (its AVX512-BF16 path, prefill chunks too).
+        self._kernel = ""
         self._work: torch.Tensor | None = None  # the kernel's scratch, shared by all layers
-        self._prefill_work: torch.Tensor | None = None  # the same for prefill chunks
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         pool = self.runner.kv_cache[layer]  # [2 (K, V), kv_heads, blocks, block_size, d]
@@ -77,26 +79,38 @@ class PagedAttention:
         out = torch.empty_like(q)
         if self.decode_tables is not None:
             out[self.decode_rows] = self._decode(q[self.decode_rows], pool)
-        compiled = self.runner.use_kernel and ops.fast_paged(q, pool)
         for p in self.prefills:
             rows = slice(p.start, p.start + p.length)
-            if compiled:
-                if self._prefill_work is None:
-                    longest = max(c.context for c in self.prefills)
-                    self._prefill_work = ops.decode_scratch(q, pool, torch.tensor([longest]))
+            if self._kernel_mode(q, pool) == "fast":
                 start = p.context - p.length
-                work = self._prefill_work
+                work = self._scratch(q, pool)
                 out[rows] = ops.paged_prefill(q[rows], pool, p.block_table, start, work)
                 continue
             kv = pool.index_select(2, p.block_table).flatten(2, 3)[:, :, : p.context]
             out[rows] = sdpa(q[rows].transpose(0, 1), kv[0], kv[1], causal=True).transpose(0, 1)
         return out
 
+    def _kernel_mode(self, q: torch.Tensor, pool: torch.Tensor) -> str:
+        if not self._kernel:
+            if not (self.runner.use_kernel and ops.supports_paged(q, pool)):
+                self._kernel = "torch"
+            else:
+                self._kernel = "fast" if ops.fast_paged(q, pool) else "paged"
+        return self._kernel
+
+    def _scratch(self, q: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        """One scratch for every kernel call of the step: sized for the longest sequence."""
+        if self._work is None:
+            longest = max(p.context for p in self.prefills) if self.prefills else 0
+            if self.decode_lengths is not None:
+                longest = max(longest, int(self.decode_lengths.max()))
+            self._work = ops.decode_scratch(q, pool, longest)
+        return self._work
+
     def _decode(self, q: torch.Tensor, pool: torch.Tensor):
-        if self.runner.use_kernel and ops.supports_paged(q, pool):
-            if self._work is None:
-                self._work = ops.decode_scratch(q, pool, self.decode_lengths)
-            return ops.paged_decode(q, pool, self.decode_tables, self.decode_lengths, self._work)
+        if self._kernel_mode(q, pool) != "torch":
+            work = self._scratch(q, pool)
+            return ops.paged_decode(q, pool, self.decode_tables, self.decode_lengths, work)
         return self._decode_torch(q, pool)
 
     def _decode_torch(self, q: torch.Tensor, pool: torch.Tensor):

@@ -55,14 +55,14 @@ def fast_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
     )
 
 
-def _scores_per_thread(q: torch.Tensor, pool: torch.Tensor, lengths: torch.Tensor) -> int:
-    return q.shape[1] // pool.shape[1] * int(lengths.max())  # query heads per KV head x keys
+def _scores_per_thread(q: torch.Tensor, pool: torch.Tensor, max_len: int) -> int:
+    return q.shape[1] // pool.shape[1] * max_len  # query heads per KV head x keys
 
 
-def decode_scratch(q: torch.Tensor, pool: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """fp32 scratch for `paged_decode`: a row of scores per thread, reusable by every layer
-    of a step (same queries' shape, same lengths)."""
-    size = torch.get_num_threads() * _scores_per_thread(q, pool, lengths)
+def decode_scratch(q: torch.Tensor, pool: torch.Tensor, max_len: int) -> torch.Tensor:
+    """fp32 scratch for `paged_decode`/`paged_prefill` calls that see at most `max_len`
+    keys: a row of scores per thread, reusable by every layer of a step."""
+    size = torch.get_num_threads() * _scores_per_thread(q, pool, max_len)
     return torch.empty(size, dtype=torch.float32)
 
 
@@ -86,10 +86,11 @@ def paged_decode(
     q = q.contiguous()
     if tables.stride(1) != 1:
         tables = tables.contiguous()
-    row = _scores_per_thread(q, pool, lengths)
+    max_len = int(lengths.max())
+    row = _scores_per_thread(q, pool, max_len)
     threads = torch.get_num_threads()
     if work is None or work.numel() < threads * row:
-        work = decode_scratch(q, pool, lengths)
+        work = decode_scratch(q, pool, max_len)
     slots = min(threads, work.numel() // row)
     out = torch.empty_like(q)
     code = load().lmstack_paged_decode(
@@ -107,7 +108,7 @@ def paged_decode(
         block_size,
         dim,
         tables.stride(0),  # elements from one row of the table to the next (0: shared)
-        int(lengths.max()),
+        max_len,
         slots,
         dim**-0.5,
     )
