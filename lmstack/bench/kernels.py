@@ -10,6 +10,9 @@ Two rows per shape, measured interleaved in one process (so machine noise hits b
   scattered blocks: the engine's torch path (gather the blocks, batched matmuls) vs the
   compiled kernel that reads them in place (lmstack.kernels; skipped where it
   cannot be built);
+- prefill attention over the paged KV cache, one layer, a 512-token prompt and a 160-token
+  chunk after 3,000 tokens: the engine's torch path (gather the blocks, torch's flash SDPA)
+  vs the tiled kernel that reads them in place (bf16, head size 64, AVX512-BF16 only);
 - a decode step's linear layers, every layer of the model plus the LM head for 20 rows, so
   the weights stream from memory as in the engine: oneDNN's packed matmul vs lmstack's
   compiled bf16 kernel (bf16 on AVX512-BF16 CPUs only).
@@ -87,6 +90,11 @@ def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
         results.append(_row("prefill attention (causal, GQA)", f"{tokens} tokens", base, ours))
     if kernels.load() is not None:
         results.append(_paged_decode_row(heads, kv_heads, dim, dtype, gen))
+    for tokens, start in ((512, 0), (160, 3000)):
+        q = torch.randn(tokens, heads, dim, generator=gen).to(dtype)
+        row = _paged_prefill_row(q, kv_heads, start, gen)
+        if row:
+            results.append(row)
     if dtype == torch.bfloat16 and ops.linear_bf16_supported():
         results.append(_streamed_linear_row(shapes, config.num_hidden_layers, gen))
     return results
@@ -131,6 +139,24 @@ def _paged_decode_row(heads, kv_heads, dim, dtype, gen, batch=20, block_size=16)
         repeats=20,
     )
     return _row("decode attention (paged, one layer)", f"{batch} seqs x 150-280 tokens", base, ours)
+
+
+def _paged_prefill_row(q, kv_heads, start, gen, block_size=16) -> dict | None:
+    tokens, _, dim = q.shape
+    blocks = (start + tokens + block_size - 1) // block_size
+    pool = torch.randn(2, kv_heads, 2 * blocks, block_size, dim, generator=gen).to(q.dtype)
+    table = torch.randperm(2 * blocks, generator=gen)[:blocks]
+    with torch.inference_mode():
+        if not ops.fast_paged(q, pool):
+            return None
+
+        def gathered():
+            kv = pool.index_select(2, table).flatten(2, 3)[:, :, : start + tokens]
+            return sdpa(q.transpose(0, 1), kv[0], kv[1], causal=True)
+
+        base, ours = _pair(gathered, lambda: ops.paged_prefill(q, pool, table, start), repeats=3)
+    shape = f"{tokens} tokens" + (f" after {start:,}" if start else "")
+    return _row("prefill attention (paged, one layer)", shape, base, ours)
 
 
 def _row(kernel: str, shape: str, base: float, ours: float) -> dict:

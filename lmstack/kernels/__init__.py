@@ -38,7 +38,7 @@ log = logging.getLogger("lmstack.engine")
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("cpu_kernels.cpp", "attention_bf16.cpp", "gemm_bf16.cpp")
+    for name in ("cpu_kernels.cpp", "attention_bf16.cpp", "prefill_bf16.cpp", "gemm_bf16.cpp")
 ]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_DIM, MAX_GROUP = 256, 16  # the kernel's fixed buffers (see the source)
@@ -86,6 +86,7 @@ def _build(compiler: str) -> Path:
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "lmstack_paged_decode": [_P] * 6 + [_I] * 10 + [_F],
+    "lmstack_paged_prefill_bf16": [_P, _P, _P, _I, _I, _P] + [_I] * 6 + [_F],
     "lmstack_rms_norm": [_P] * 4 + [_I] * 4 + [_F],
     "lmstack_rope": [_P] + [_I] * 6 + [_P] * 3,
     "lmstack_silu_mul": [_P] * 2 + [_I] * 4,

@@ -125,10 +125,35 @@ def paged_prefill(
 ) -> torch.Tensor:
     """Causal attention of a prefill chunk over its sequence's blocks: q [T, H, d] holds
     positions start .. start+T-1, whose keys and values are already in the pool; query i
-    sees the first start+i+1 of them. Each query is one decode-style task reading the
-    blocks in place (no gathered copy), all sharing the one block table."""
-    lengths = torch.arange(start + 1, start + q.shape[0] + 1)
-    return paged_decode(q, pool, table.view(1, -1).expand(q.shape[0], -1), lengths, work)
+    sees the first start+i+1 of them. Keys and values are read in place (no gathered copy).
+
+    Where `fast_paged` holds this is the tiled kernel (prefill_bf16.cpp: 16 query rows per
+    pass over the keys); elsewhere each query is one decode-style task, all sharing the one
+    block table (`work` is that path's scratch)."""
+    tokens, heads, dim = q.shape
+    if tokens and fast_paged(q, pool):
+        _, kv_heads, num_blocks, block_size, _ = pool.shape
+        q, table = q.contiguous(), table.contiguous()
+        out = torch.empty_like(q)
+        ran = load().lmstack_paged_prefill_bf16(
+            q.data_ptr(),
+            pool.data_ptr(),
+            table.data_ptr(),
+            start,
+            tokens,
+            out.data_ptr(),
+            heads,
+            kv_heads,
+            num_blocks,
+            block_size,
+            dim,
+            torch.get_num_threads(),
+            dim**-0.5,
+        )
+        if ran:
+            return out
+    lengths = torch.arange(start + 1, start + tokens + 1)
+    return paged_decode(q, pool, table.view(1, -1).expand(tokens, -1), lengths, work)
 
 
 def rms_norm(
