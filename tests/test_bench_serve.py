@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import live_server
 
-from lmstack.bench.ladder import RUNGS, agreement, run_ladder, to_markdown
+from lmstack.bench.ladder import RUNGS, agreement, first_token_agreement, run_ladder, to_markdown
 from lmstack.bench.loadgen import RequestResult, arrival_gaps, run_load
 from lmstack.bench.serve import random_dataset, summarize
 from lmstack.cli import main
@@ -116,6 +116,10 @@ def test_bench_serve_cli_writes_json_and_plots(server_url, tmp_path, capsys):
 
 def test_agreement_counts_tokens_until_divergence():
     assert agreement([["a", "b", "c"], ["x"]], [["a", "b", "z"], ["x"]]) == pytest.approx(0.75)
+    # First tokens: one position per prompt, a later divergence does not count.
+    assert first_token_agreement([["a", "b"], ["x", "y"], ["p"]], [["a", "z"], ["q"], []]) == (
+        pytest.approx(1 / 3)
+    )
 
 
 @pytest.mark.slow
@@ -126,5 +130,6 @@ def test_ladder_rows_run_real_servers(model):
     assert [r["completed"] for r in rows] == [2, 2] and all(r["errors"] == 0 for r in rows)
     assert rows[0]["greedy_agreement_vs_row1"] == 1.0
     assert rows[1]["greedy_agreement_vs_row1"] > 0.5  # bf16 vs fp32 greedy
+    assert rows[1]["first_token_agreement_vs_row1"] >= 0.75
     assert all(r["peak_rss_gb"] and r["peak_rss_gb"] < 4 for r in rows)
     assert to_markdown(rows).count("\n") == 4

@@ -46,11 +46,26 @@ RUNGS = [
         ],
     ),
 ]
+# Greedy answers to these are compared with row 1's. Sixteen, because agreement "until the
+# first divergence" is all-or-nothing per prompt: with four, one near-tie flip in one answer
+# moved the figure by a quarter.
 QUALITY_PROMPTS = [
     "The three primary colours are",
     "Explain in one sentence why the sky is blue.",
     "Write a Python function that reverses a string.",
     "What is the capital of Japan?",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into French and Spanish.",
+    "What is 17 times 3?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "Name a mammal that can fly.",
+    "How do I make a cup of tea?",
+    "List the planets of the solar system in order.",
+    "What does HTTP stand for?",
+    "Write a haiku about autumn.",
+    "Why do we have seasons on Earth?",
+    "Suggest a name for a pet goldfish.",
+    "What is the boiling point of water in Fahrenheit?",
 ]
 
 
@@ -140,6 +155,13 @@ def agreement(reference: list[list[str]], other: list[list[str]]) -> float:
     return same / total if total else 1.0
 
 
+def first_token_agreement(reference: list[list[str]], other: list[list[str]]) -> float:
+    """Share of prompts whose first greedy token is row 1's: one position per prompt, read
+    from the same prompt, so unlike `agreement` an early flip does not compound."""
+    pairs = [(ref[0], got[0] if got else None) for ref, got in zip(reference, other) if ref]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0
+
+
 def run_ladder(
     specs: list[RequestSpec],
     users: int,
@@ -177,6 +199,7 @@ def run_ladder(
                 "errors": sum(s["errors"].values()),
                 "peak_rss_gb": peak,
                 "greedy_agreement_vs_row1": agreement(reference, answers),
+                "first_token_agreement_vs_row1": first_token_agreement(reference, answers),
                 "completed": s["completed"],
                 "requests": s["requests"],
             }
@@ -189,9 +212,10 @@ def run_ladder(
 def to_markdown(rows: list[dict]) -> str:
     head = (
         "| configuration | TTFT P50 (s) | TTFT P99 (s) | tok/s per user | tok/s total "
-        "| P99/P50 latency | errors | peak RSS (GB) | greedy agreement vs row 1 |"
+        "| P99/P50 latency | errors | peak RSS (GB) | greedy agreement vs row 1 "
+        "| same first token as row 1 |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
 
     def f(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -201,6 +225,6 @@ def to_markdown(rows: list[dict]) -> str:
             f"| {r['config']} | {f(r['ttft_p50_s'], '.2f')} | {f(r['ttft_p99_s'], '.2f')} | "
             f"{f(r['tokens_per_s_per_user'], '.1f')} | {f(r['tokens_per_s_total'], '.1f')} | "
             f"{f(r['p99_p50_e2e'], '.2f')} | {r['errors']} | {f(r['peak_rss_gb'], '.2f')} | "
-            f"{r['greedy_agreement_vs_row1']:.0%} |"
+            f"{r['greedy_agreement_vs_row1']:.0%} | {r['first_token_agreement_vs_row1']:.0%} |"
         )
     return "\n".join(lines) + "\n"
