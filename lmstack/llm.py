@@ -40,6 +40,7 @@ class ChatRequest:
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: counts only output tokens, not the prompt's
     seed: int | None = None
     stop: list[str] | None = None
     json_schema: dict | None = None  # constrain the reply to this schema (always parses)
@@ -141,6 +142,7 @@ class EngineGenerator:
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
+            frequency_penalty=request.frequency_penalty,
             seed=request.seed,
             stop=request.stop,
             structured=(
@@ -293,6 +295,8 @@ class OpenAIGenerator:
             "top_p": request.top_p,
             "stream": stream,
         }
+        if request.frequency_penalty:
+            body["frequency_penalty"] = request.frequency_penalty
         if request.seed is not None:
             body["seed"] = request.seed
         if request.stop:

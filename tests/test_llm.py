@@ -83,3 +83,14 @@ def test_remote_errors_are_clear(remote_gen):
     with pytest.raises(LmstackError, match="cannot reach"):
         OpenAIGenerator("http://127.0.0.1:9")
     assert remote_gen.context_window == 8192 and remote_gen.model == "smollm2"
+
+
+def test_frequency_penalty_reaches_the_model_both_ways(engine_gen, remote_gen):
+    text = "Write the word cat ten times, separated by spaces."
+    base = engine_gen.complete(_ask(text, max_tokens=16))
+    penalized = _ask(text, max_tokens=16, frequency_penalty=2.0)
+    local = engine_gen.complete(penalized)
+    assert local.error is None and local.text != base.text
+    assert remote_gen.complete(penalized).text == local.text
+    bad = engine_gen.complete(_ask(text, max_tokens=4, frequency_penalty=9.0))
+    assert bad.error and "frequency_penalty" in bad.error

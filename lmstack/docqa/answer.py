@@ -125,6 +125,13 @@ def attach_citations(text: str, sources: list[Hit]) -> tuple[str, list[int]]:
     return " ".join(out), valid
 
 
+# Greedy answers from a small model fall into loops ("a model that includes a model that
+# includes ..."). OpenAI's frequency penalty lowers a token's logit by this much for each time
+# the answer already used it; unlike HF's repetition penalty it leaves the prompt's tokens
+# alone, so quoting the sources costs nothing.
+FREQUENCY_PENALTY = 0.5
+
+
 class Answerer:
     def __init__(
         self,
@@ -137,6 +144,7 @@ class Answerer:
         max_tokens: int = 256,
         system_prompt: str = SYSTEM_PROMPT,
         temperature: float = 0.0,
+        frequency_penalty: float = FREQUENCY_PENALTY,
     ):
         if max_tokens < 1 or max_tokens > reserve:
             raise InputError(
@@ -151,6 +159,7 @@ class Answerer:
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
         self.temperature = temperature
+        self.frequency_penalty = frequency_penalty
         self.calls = 0
 
     # ------------------------------------------------------------------ model calls
@@ -160,6 +169,7 @@ class Answerer:
             messages=messages,
             max_tokens=max_tokens or self.max_tokens,
             temperature=self.temperature,
+            frequency_penalty=self.frequency_penalty,
             seed=0,
         )
 
