@@ -85,8 +85,9 @@ def test_bench_kernels_reports_both_sides(capsys):
     expected = {"linear (layer + LM head)", "prefill attention (causal, GQA)"}
     if kernels.load() is not None:
         expected.add("decode attention (paged, one layer)")
-    if ops.linear_bf16_supported():
+    if ops.linear_bf16_supported():  # bf16 (the default) on AVX512-BF16
         expected.add("linear, decode step (oneDNN packed vs compiled)")
+        expected.add("prefill attention (paged, one layer)")  # the tiled kernel
     assert {r["kernel"] for r in rows} == expected
     for r in rows:
         assert r["baseline_ms"] > 0 and r["lmstack_ms"] > 0
