@@ -40,6 +40,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in ("cpu_kernels.cpp", "attention_bf16.cpp", "prefill_bf16.cpp", "gemm_bf16.cpp")
 ]
+HEADERS = [Path(__file__).parent / "csrc" / "groups.h"]  # included by SOURCES: hashed too
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 MAX_DIM, MAX_GROUP = 256, 16  # the kernel's fixed buffers (see the source)
 
@@ -60,7 +61,7 @@ def _build(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
     for part in (" ".join(FLAGS), version, _cpu_signature()):
         key.update(part.encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"

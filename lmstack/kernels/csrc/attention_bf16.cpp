@@ -21,6 +21,8 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
+#include "groups.h"
+
 namespace {
 
 constexpr int kDim = 64;
@@ -166,21 +168,11 @@ int lmstack_paged_decode_bf16_d64(const void* q, const void* pool, const int64_t
     const auto* qt = static_cast<const uint16_t*>(q);
     const auto* pt = static_cast<const uint16_t*>(pool);
     auto* ot = static_cast<uint16_t*>(out);
-#define LMSTACK_GROUP(G)                                                                  \
-    case G:                                                                               \
-        decode<G>(qt, pt, tables, lengths, ot, work, batch, heads, kv_heads, num_blocks, \
-                  block_size, width, max_len, slots, scale);                              \
-        return 1;
-    switch (heads / kv_heads) {
-        LMSTACK_GROUP(1)
-        LMSTACK_GROUP(2)
-        LMSTACK_GROUP(3)
-        LMSTACK_GROUP(4)
-        LMSTACK_GROUP(8)
-        default:
-            return 0;
-    }
-#undef LMSTACK_GROUP
+    return with_group(heads / kv_heads, [&](auto group) {
+        decode<decltype(group)::value>(qt, pt, tables, lengths, ot, work, batch, heads,
+                                       kv_heads, num_blocks, block_size, width, max_len, slots,
+                                       scale);
+    });
 }
 
 #else

@@ -28,6 +28,8 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
+#include "groups.h"
+
 namespace {
 
 constexpr int kDim = 64, kPairs = 32, kRows = 16, kKeys = 16;
@@ -205,21 +207,10 @@ extern "C" int lmstack_paged_prefill_bf16(const void* q, const void* pool,
     const auto* qt = static_cast<const uint16_t*>(q);
     const auto* pt = static_cast<const uint16_t*>(pool);
     auto* ot = static_cast<uint16_t*>(out);
-#define LMSTACK_GROUP(G)                                                                   \
-    case G:                                                                                \
-        prefill<G>(qt, pt, table, start, tokens, ot, heads, kv_heads, num_blocks,         \
-                   block_size, threads, scale);                                            \
-        return 1;
-    switch (heads / kv_heads) {
-        LMSTACK_GROUP(1)
-        LMSTACK_GROUP(2)
-        LMSTACK_GROUP(3)
-        LMSTACK_GROUP(4)
-        LMSTACK_GROUP(8)
-        default:
-            return 0;
-    }
-#undef LMSTACK_GROUP
+    return with_group(heads / kv_heads, [&](auto group) {
+        prefill<decltype(group)::value>(qt, pt, table, start, tokens, ot, heads, kv_heads,
+                                        num_blocks, block_size, threads, scale);
+    });
 }
 
 #else
