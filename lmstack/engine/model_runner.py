@@ -14,10 +14,10 @@ its own with a causal mask. Decode tokens attend through the compiled paged kern
 (lmstack.kernels), which reads keys and values in place from their blocks;
 without a compiler they fall back to gathering the blocks into a padded copy for torch's
 batched matmuls (3x slower per layer for 20 sequences of ~200 tokens). Where the kernel
-has its AVX512-BF16 path (bf16, head size 64), prefill chunks take it too, one task per
-query token over the shared block table: 2.2x torch's flash attention on a gathered copy
-for a 136-token chunk, 4x for a few tokens after a longer prefix, 1.3-1.8x at 1-3k
-tokens of context (one layer, this CPU).
+has its AVX512-BF16 path (bf16, head size 64), prefill chunks read their blocks in place
+too, through the tiled kernel (ops.paged_prefill: 16 query rows per pass over the keys):
+4.1x torch's flash attention on a gathered copy for a 512-token prompt, 2.35x for 160
+tokens after 3,000 (one layer, this CPU; `lmstack bench kernels`).
 """
 
 from __future__ import annotations
