@@ -83,8 +83,7 @@ class PagedAttention:
             rows = slice(p.start, p.start + p.length)
             if self._kernel_mode(q, pool) == "fast":
                 start = p.context - p.length
-                work = self._scratch(q, pool)
-                out[rows] = ops.paged_prefill(q[rows], pool, p.block_table, start, work)
+                out[rows] = ops.paged_prefill(q[rows], pool, p.block_table, start)
                 continue
             kv = pool.index_select(2, p.block_table).flatten(2, 3)[:, :, : p.context]
             out[rows] = sdpa(q[rows].transpose(0, 1), kv[0], kv[1], causal=True).transpose(0, 1)
@@ -98,19 +97,11 @@ class PagedAttention:
                 self._kernel = "fast" if ops.fast_paged(q, pool) else "paged"
         return self._kernel
 
-    def _scratch(self, q: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-        """One scratch for every kernel call of the step: sized for the longest sequence."""
-        if self._work is None:
-            longest = max(p.context for p in self.prefills) if self.prefills else 0
-            if self.decode_lengths is not None:
-                longest = max(longest, int(self.decode_lengths.max()))
-            self._work = ops.decode_scratch(q, pool, longest)
-        return self._work
-
     def _decode(self, q: torch.Tensor, pool: torch.Tensor):
         if self._kernel_mode(q, pool) != "torch":
-            work = self._scratch(q, pool)
-            return ops.paged_decode(q, pool, self.decode_tables, self.decode_lengths, work)
+            if self._work is None:  # sized once for the step's longest sequence
+                self._work = ops.decode_scratch(q, pool, int(self.decode_lengths.max()))
+            return ops.paged_decode(q, pool, self.decode_tables, self.decode_lengths, self._work)
         return self._decode_torch(q, pool)
 
     def _decode_torch(self, q: torch.Tensor, pool: torch.Tensor):

@@ -43,8 +43,9 @@ def supports_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
 
 
 def fast_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
-    """Whether `paged_decode`/`paged_prefill` take the AVX512-BF16 path for these shapes
-    (attention_bf16.cpp: bf16, head size 64, 1-4 or 8 query heads per KV head)."""
+    """Whether `paged_decode`/`paged_prefill` take the AVX512-BF16 paths for these shapes
+    (attention_bf16.cpp, prefill_bf16.cpp: bf16, head size 64, 1-4 or 8 query heads per KV
+    head, the counts csrc/groups.h compiles)."""
     group = q.shape[1] // pool.shape[1]
     return (
         q.dtype == torch.bfloat16
@@ -60,8 +61,8 @@ def _scores_per_thread(q: torch.Tensor, pool: torch.Tensor, max_len: int) -> int
 
 
 def decode_scratch(q: torch.Tensor, pool: torch.Tensor, max_len: int) -> torch.Tensor:
-    """fp32 scratch for `paged_decode`/`paged_prefill` calls that see at most `max_len`
-    keys: a row of scores per thread, reusable by every layer of a step."""
+    """fp32 scratch for `paged_decode` calls that see at most `max_len` keys: a row of
+    scores per thread, reusable by every layer of a step."""
     size = torch.get_num_threads() * _scores_per_thread(q, pool, max_len)
     return torch.empty(size, dtype=torch.float32)
 
@@ -121,7 +122,6 @@ def paged_prefill(
     pool: torch.Tensor,
     table: torch.Tensor,
     start: int,
-    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a prefill chunk over its sequence's blocks: q [T, H, d] holds
     positions start .. start+T-1, whose keys and values are already in the pool; query i
@@ -129,7 +129,7 @@ def paged_prefill(
 
     Where `fast_paged` holds this is the tiled kernel (prefill_bf16.cpp: 16 query rows per
     pass over the keys); elsewhere each query is one decode-style task, all sharing the one
-    block table (`work` is that path's scratch)."""
+    block table."""
     tokens, heads, dim = q.shape
     if tokens and fast_paged(q, pool):
         _, kv_heads, num_blocks, block_size, _ = pool.shape
@@ -153,7 +153,7 @@ def paged_prefill(
         if ran:
             return out
     lengths = torch.arange(start + 1, start + tokens + 1)
-    return paged_decode(q, pool, table.view(1, -1).expand(tokens, -1), lengths, work)
+    return paged_decode(q, pool, table.view(1, -1).expand(tokens, -1), lengths)
 
 
 def rms_norm(
