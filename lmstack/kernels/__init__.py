@@ -38,10 +38,27 @@ log = logging.getLogger("lmstack.engine")
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("cpu_kernels.cpp", "attention_bf16.cpp", "prefill_bf16.cpp", "gemm_bf16.cpp")
+    for name in (
+        "cpu_kernels.cpp",
+        "attention_bf16.cpp",
+        "prefill_bf16.cpp",
+        "gemm_bf16.cpp",
+        "gemm_q.cpp",
+    )
 ]
 HEADERS = [Path(__file__).parent / "csrc" / "groups.h"]  # included by SOURCES: hashed too
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# LMSTACK_CPU_ISA=avx2 (lmstack.cpu): the same sources built as for an AVX2-only CPU, so the
+# AVX-512 paths compile to their stubs and every caller takes its AVX2 path.
+AVX2_FLAGS = ["-mno-avx512f"]
+
+
+def build_flags() -> list[str]:
+    from lmstack.cpu import requested_isa
+
+    return FLAGS + (AVX2_FLAGS if requested_isa() == "avx2" else [])
+
+
 MAX_DIM, MAX_GROUP = 256, 16  # the kernel's fixed buffers (see the source)
 
 _state: dict = {}
@@ -62,7 +79,8 @@ def _build(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
     key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
-    for part in (" ".join(FLAGS), version, _cpu_signature()):
+    flags = build_flags()
+    for part in (" ".join(flags), version, _cpu_signature()):
         key.update(part.encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -73,7 +91,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
+            [compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
@@ -93,6 +111,8 @@ SIGNATURES = {
     "lmstack_silu_mul": [_P] * 2 + [_I] * 4,
     "lmstack_linear_bf16": [_P, _I, _I, _I, _P, _I, _P, _I, _I],
     "lmstack_linear_bf16_supported": [],
+    "lmstack_linear_q": [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I],
+    "lmstack_linear_q_supported": [],
 }
 
 

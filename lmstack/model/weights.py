@@ -132,6 +132,15 @@ def resolve_model(model: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def source_gguf(model: str | os.PathLike | None = None) -> Path | None:
+    """The .gguf file a model comes from (the bundled one included), or None for an HF
+    directory: where `--dtype gguf` reads the file's own quantized blocks."""
+    if model is None or str(model) == BUNDLED:
+        return bundled_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
 def check_hf_dir(path: Path) -> ModelConfig:
     """Validate that `path` is a loadable Llama-family HF directory; return its config."""
     if not (path / "config.json").is_file():
