@@ -8,6 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# LMSTACK_CPU_ISA=avx2 restricts torch and oneDNN as well as lmstack's kernels: it has to
+# reach the environment before torch is imported (lmstack.cpu).
+from lmstack.cpu import apply_isa_env  # noqa: E402
+
+apply_isa_env()
+
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams"]

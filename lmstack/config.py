@@ -20,7 +20,7 @@ def default_model() -> str:
 
 
 def default_dtype() -> str:
-    return os.environ.get("LMSTACK_DTYPE", "float32")
+    return os.environ.get("LMSTACK_DTYPE", "auto")
 
 
 def shared_data_dir() -> Path:

@@ -9,7 +9,11 @@ import typer
 from lmstack.config import default_dtype, default_model
 
 ModelOpt = typer.Option(None, "--model", help="'bundled', a .gguf file or a HF model directory")
-DtypeOpt = typer.Option(None, "--dtype", help="float32 or bfloat16")
+DtypeOpt = typer.Option(
+    None,
+    "--dtype",
+    help="auto (chosen for this CPU), float32, bfloat16, int8, gguf, q4_1, q4_0 or q8_0",
+)
 
 
 def _load(model: str | None, dtype: str | None):

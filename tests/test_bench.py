@@ -65,12 +65,14 @@ def test_bench_precision_reports_each_dtype(model, capsys, tmp_path):
     )
     assert code == 0
     rows = json.loads(out)["dtypes"]
-    assert set(rows) == {"float32", "bfloat16", "int8"}
-    assert (
-        rows["int8"]["weights_gb"] < rows["bfloat16"]["weights_gb"] < rows["float32"]["weights_gb"]
-    )
+    assert set(rows) == {"float32", "bfloat16", "int8", "gguf", "q8_0"}
+    weights = {name: row["weights_gb"] for name, row in rows.items()}
+    assert weights["int8"] < weights["bfloat16"] < weights["float32"]
+    assert weights["gguf"] < weights["q8_0"] < weights["bfloat16"]
     # Quantization may cost a little quality, never a lot.
-    assert rows["int8"]["perplexity_vs_fp32"] < 1.1 and rows["bfloat16"]["perplexity_vs_fp32"] < 1.1
+    for name, row in rows.items():
+        assert row["perplexity_vs_fp32"] < 1.1, name
+        assert row["greedy_agreement_vs_fp32"] > 0.8, name
 
 
 def test_bench_kernels_reports_both_sides(capsys):
@@ -80,14 +82,22 @@ def test_bench_kernels_reports_both_sides(capsys):
     assert code == 0
     rows = json.loads(out)
     from lmstack import kernels
-    from lmstack.kernels import ops
+    from lmstack.cpu import choose_dtype
 
-    expected = {"linear (layer + LM head)", "prefill attention (causal, GQA)"}
+    dtype = choose_dtype("bundled")[0]  # what `--dtype auto` runs on this CPU
+    expected = {"prefill attention (causal, GQA)"}
     if kernels.load() is not None:
         expected.add("decode attention (paged, one layer)")
-    if ops.linear_bf16_supported():  # bf16 (the default) on AVX512-BF16
+    if dtype == "bfloat16":  # AVX512-BF16: the compiled bf16 kernels
+        expected.add("linear (layer + LM head)")
         expected.add("linear, decode step (oneDNN packed vs compiled)")
         expected.add("prefill attention (paged, one layer)")  # the tiled kernel
+    elif dtype == "gguf":  # AVX2: the integer kernel on the file's blocks, fp32 attention
+        expected.add("linear (layer + LM head), fp32 packed vs gguf")
+        expected.add("linear, decode step (fp32 oneDNN packed vs gguf)")
+        expected.add("prefill attention (paged, one layer)")  # per-query fp32 kernel
+    else:
+        expected.add("linear (layer + LM head)")
     assert {r["kernel"] for r in rows} == expected
     for r in rows:
         assert r["baseline_ms"] > 0 and r["lmstack_ms"] > 0

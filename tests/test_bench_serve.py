@@ -20,7 +20,7 @@ def server_url(model):
     from lmstack.engine.async_engine import AsyncLLMEngine
     from lmstack.server.app import create_app
 
-    engine = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=4096, max_waiting=4)
+    engine = AsyncLLMEngine(num_kv_tokens=4096, max_waiting=4)
     with live_server(create_app(engine, "smollm2-135m-instruct")) as url:
         yield url
     engine.shutdown()

@@ -22,7 +22,7 @@ QUESTION = "What does AAL3 require?"
 def engine():
     from lmstack.engine.async_engine import AsyncLLMEngine
 
-    eng = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=8192)
+    eng = AsyncLLMEngine(num_kv_tokens=8192)
     yield eng
     eng.shutdown()
 

@@ -339,7 +339,7 @@ def strict(schema: dict) -> dict:
 
 @pytest.mark.slow
 def test_structured_output_always_validates():
-    eng = LLMEngine(dtype="bfloat16", max_num_seqs=50, num_kv_tokens=32768)
+    eng = LLMEngine(max_num_seqs=50, num_kv_tokens=32768)
     requests = []
     for i in range(100):
         schema = strict(SCHEMAS[i % 10])

@@ -46,6 +46,14 @@ def test_pack_linears_skips_biased_and_unsupported_layers():
     assert type(net[1]) is nn.Linear and type(net[2]) is nn.Linear
 
 
+def test_bf16_model_stays_unpacked_where_onednn_has_no_bf16():
+    # The fallback on AVX2-only CPUs: pack_linears packs nothing in bf16, so F.linear runs.
+    if packing_supported(torch.bfloat16):
+        pytest.skip("this CPU has oneDNN bf16: test_loaded_model_is_packed_and_unchanged")
+    net = nn.Sequential(nn.Linear(64, 64, bias=False)).bfloat16()
+    assert pack_linears(net) == 0 and type(net[0]) is nn.Linear
+
+
 @needs_bf16
 def test_loaded_model_is_packed_and_unchanged(model):
     from lmstack.model.llama import LlamaForCausalLM

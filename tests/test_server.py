@@ -63,7 +63,7 @@ def scrape(http: httpx.Client) -> dict[str, float]:
 def engine():
     from lmstack.engine.async_engine import AsyncLLMEngine
 
-    eng = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=8192)
+    eng = AsyncLLMEngine(num_kv_tokens=8192)
     yield eng
     eng.shutdown()
 
@@ -362,7 +362,7 @@ def test_client_disconnect_aborts_the_request(http, base_url):
 def test_full_queue_gets_429_with_retry_after():
     from lmstack.engine.async_engine import AsyncLLMEngine
 
-    small = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=2048, max_num_seqs=1, max_waiting=1)
+    small = AsyncLLMEngine(num_kv_tokens=2048, max_num_seqs=1, max_waiting=1)
     try:
         app = create_app(small, MODEL, max_body_bytes=1_000_000)
         with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as http:

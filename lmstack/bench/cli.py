@@ -18,7 +18,12 @@ def offline_command(
     output_len: str = typer.Option("128", "--output-len", help="N, or A:B drawn uniformly"),
     seed: int = typer.Option(0, "--seed"),
     baseline: str = typer.Option("hf", "--baseline", help="hf, hf-bf16, hf-batch or none"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="Engine dtype: float32, bfloat16, int8"),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="Engine dtype: "
+        + "auto (chosen for this CPU), float32, bfloat16, int8, gguf, q4_1, q4_0 or q8_0",
+    ),
     max_num_seqs: int = typer.Option(32, "--max-num-seqs"),
     max_num_batched_tokens: int = typer.Option(1024, "--max-num-batched-tokens"),
     kv_cache_gb: float | None = typer.Option(None, "--kv-cache-gb"),
@@ -72,20 +77,24 @@ def offline_command(
 
 @bench_app.command("kernels")
 def kernels_command(
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 or bfloat16"),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto, float32, bfloat16 or a block format (gguf, q4_1, q8_0)"
+    ),
     model: str = typer.Option("bundled", "--model", help="Model whose shapes to use"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows"),
 ) -> None:
     """Packed linear layers and fused prefill attention vs the plain torch calls."""
     from lmstack.bench.kernels import bench_kernels
     from lmstack.errors import InputError
-    from lmstack.model.llama import parse_dtype
+    from lmstack.model.llama import parse_dtype, resolve_dtype
+    from lmstack.model.qlinear import FORMATS
     from lmstack.model.weights import load_config, resolve_model
 
-    torch_dtype = parse_dtype(dtype)
+    dtype, _ = resolve_dtype(dtype, model)
+    kernel_dtype = dtype if dtype in FORMATS else parse_dtype(dtype)
     config = load_config(resolve_model(model))
     try:
-        rows = bench_kernels(config, torch_dtype)
+        rows = bench_kernels(config, kernel_dtype)
     except RuntimeError as exc:
         raise InputError(str(exc)) from None
     if as_json:
@@ -115,7 +124,7 @@ def precision_command(
     ),
     max_tokens: int = typer.Option(8192, "--max-tokens", help="Tokens of the text to score"),
     window: int = typer.Option(1024, "--window", help="Tokens per perplexity window"),
-    dtypes: str = typer.Option("float32,bfloat16,int8", "--dtypes"),
+    dtypes: str = typer.Option("float32,bfloat16,int8,gguf,q8_0", "--dtypes"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Weights memory, single-stream decode speed and perplexity per dtype, vs fp32."""
@@ -132,7 +141,9 @@ def precision_command(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"precision: perplexity on {result['tokens']} tokens of {path.name}")
+    table = Table(
+        title=f"precision: perplexity on {result['tokens']} tokens of {path.name}, {result['cpu']}"
+    )
     for col in (
         "dtype",
         "weights GB",
@@ -140,6 +151,7 @@ def precision_command(
         "perplexity",
         "ppl vs fp32",
         "speed vs fp32",
+        "greedy agree",
     ):
         table.add_column(col, justify="left" if col == "dtype" else "right")
     for name, row in result["dtypes"].items():
@@ -150,6 +162,7 @@ def precision_command(
             f"{row['perplexity']:.3f}",
             str(row.get("perplexity_vs_fp32", "")),
             str(row.get("speed_vs_fp32", "")),
+            str(row.get("greedy_agreement_vs_fp32", "")),
         )
     Console().print(table)
 

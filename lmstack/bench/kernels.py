@@ -12,10 +12,16 @@ Two rows per shape, measured interleaved in one process (so machine noise hits b
   cannot be built);
 - prefill attention over the paged KV cache, one layer, a 512-token prompt and a 160-token
   chunk after 3,000 tokens: the engine's torch path (gather the blocks, torch's flash SDPA)
-  vs the tiled kernel that reads them in place (bf16, head size 64, AVX512-BF16 only);
-- a decode step's linear layers, every layer of the model plus the LM head for 20 rows, so
-  the weights stream from memory as in the engine: oneDNN's packed matmul vs lmstack's
-  compiled bf16 kernel (bf16 on AVX512-BF16 CPUs only).
+  vs the kernel that reads them in place (bf16 on AVX512-BF16: the tiled kernel; fp32:
+  one decode-style task per query);
+- a decode step's linear layers, every layer of the model plus the LM head for 1 and 20
+  rows, so the weights stream from memory as in the engine: oneDNN's packed matmul vs
+  lmstack's compiled kernel (bf16 on AVX512-BF16 CPUs; for the block formats, the integer
+  kernel on GGUF's Q4_1 layers and Q8_0 head against oneDNN's packed fp32).
+
+For a block format (`gguf`, `q4_1`, `q4_0`, `q8_0`: what `--dtype auto` picks on CPUs
+without native bf16) the linear rows compare oneDNN's packed fp32 with the quantized
+kernel, and attention runs in fp32, as the engine runs them for that precision.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from lmstack import kernels
 from lmstack.kernels import ops
 from lmstack.model.attention import sdpa
 from lmstack.model.packed import KernelLinear, PackedLinear, packing_supported
+from lmstack.model.qlinear import BITS, QuantLinear, pack_float
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -45,8 +52,22 @@ def _pair(plain, fast, repeats: int, rounds: int = 5) -> tuple[float, float]:
     return sorted(x for x, _ in a)[rounds // 2], sorted(y for _, y in a)[rounds // 2]
 
 
-def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
-    """Rows of {kernel, shape, baseline_ms, lmstack_ms, speedup} for a model config."""
+def _quantized(weight: torch.Tensor, fmt: str, head: bool) -> QuantLinear:
+    """The layer as the engine holds it in `fmt` (gguf: Q4_1 layers, Q8_0 LM head)."""
+    if fmt == "gguf":
+        fmt = "q8_0" if head else "q4_1"
+    return QuantLinear(pack_float(weight, fmt), weight.shape[0], BITS[fmt], "quantized")
+
+
+def bench_kernels(config, dtype: torch.dtype | str, rows=(1, 20, 256)) -> list[dict]:
+    """Rows of {kernel, shape, baseline_ms, lmstack_ms, speedup} for a model config.
+
+    `dtype` is a torch float type or a block format name (lmstack.model.qlinear.FORMATS)."""
+    fmt = dtype if isinstance(dtype, str) else None
+    if fmt is not None:
+        if not ops.linear_q_supported():
+            raise RuntimeError(f"the quantized kernel is not available here ({kernels.status()})")
+        dtype = torch.float32
     if not packing_supported(dtype):
         raise RuntimeError(f"oneDNN weight packing is not available for {dtype} on this CPU")
     hidden, inter = config.hidden_size, config.intermediate_size
@@ -61,20 +82,29 @@ def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(o, i, generator=gen).to(dtype) * 0.02 for o, i in shapes]
     packed = [PackedLinear(w) for w in weights]
+    if fmt is not None:  # the baseline is oneDNN's packed fp32; ours the quantized kernel
+        ours_layers = [_quantized(w, fmt, i == len(weights) - 1) for i, w in enumerate(weights)]
+        weights = packed
+        packed = ours_layers
     results = []
     for m in rows:
         x = {i: torch.randn(m, i, generator=gen).to(dtype) for _, i in shapes}
 
         def plain(x=x):
             for w in weights:
-                F.linear(x[w.shape[1]], w)
+                if isinstance(w, torch.Tensor):
+                    F.linear(x[w.shape[1]], w)
+                else:
+                    w(x[w.in_features])
 
         def fast(x=x):
             for p in packed:
                 p(x[p.in_features])
 
-        base, ours = _pair(plain, fast, repeats=max(2, 40 // m))
-        results.append(_row("linear (layer + LM head)", f"{m} rows", base, ours))
+        with torch.inference_mode():
+            base, ours = _pair(plain, fast, repeats=max(2, 40 // m))
+        name = "linear (layer + LM head)" + (f", fp32 packed vs {fmt}" if fmt else "")
+        results.append(_row(name, f"{m} rows", base, ours))
     for tokens in (130, 512):
         q = torch.randn(heads, tokens, dim, generator=gen).to(dtype)
         k = torch.randn(kv_heads, tokens, dim, generator=gen).to(dtype)
@@ -95,23 +125,30 @@ def bench_kernels(config, dtype: torch.dtype, rows=(1, 20, 256)) -> list[dict]:
         row = _paged_prefill_row(q, kv_heads, start, gen)
         if row:
             results.append(row)
-    if dtype == torch.bfloat16 and ops.linear_bf16_supported():
+    if fmt is not None:
+        for m in (1, 20):
+            results.append(_streamed_linear_row(shapes, config.num_hidden_layers, gen, m, fmt))
+    elif dtype == torch.bfloat16 and ops.linear_bf16_supported():
         results.append(_streamed_linear_row(shapes, config.num_hidden_layers, gen))
     return results
 
 
-def _streamed_linear_row(shapes, layers: int, gen, rows: int = 20) -> dict:
+def _streamed_linear_row(shapes, layers: int, gen, rows: int = 20, fmt=None) -> dict:
     """All layers' weights (and the LM head) once each, as a decode step reads them: far more
     than the caches hold, so this measures streaming weights, not arithmetic alone."""
+    dtype = torch.float32 if fmt else torch.bfloat16
     per_layer, head = shapes[:-1], shapes[-1]
     weights = []
     for _ in range(layers):
-        weights += [torch.randn(o, i, generator=gen).bfloat16() * 0.02 for o, i in per_layer]
-    weights.append(torch.randn(*head, generator=gen).bfloat16() * 0.02)
+        weights += [torch.randn(o, i, generator=gen).to(dtype) * 0.02 for o, i in per_layer]
+    weights.append(torch.randn(*head, generator=gen).to(dtype) * 0.02)
     onednn = [PackedLinear(w) for w in weights]
-    ours = [KernelLinear(w) for w in weights]
+    if fmt:
+        ours = [_quantized(w, fmt, i == len(weights) - 1) for i, w in enumerate(weights)]
+    else:
+        ours = [KernelLinear(w) for w in weights]
     del weights
-    x = {i: torch.randn(rows, i, generator=gen).bfloat16() for _, i in shapes}
+    x = {i: torch.randn(rows, i, generator=gen).to(dtype) for _, i in shapes}
 
     def run(layers_):
         for layer in layers_:
@@ -120,7 +157,8 @@ def _streamed_linear_row(shapes, layers: int, gen, rows: int = 20) -> dict:
     with torch.inference_mode():
         base, fast = _pair(lambda: run(onednn), lambda: run(ours), repeats=2)
     shape = f"{rows} rows x {layers} layers + LM head"
-    return _row("linear, decode step (oneDNN packed vs compiled)", shape, base, fast)
+    versus = f"fp32 oneDNN packed vs {fmt}" if fmt else "oneDNN packed vs compiled"
+    return _row(f"linear, decode step ({versus})", shape, base, fast)
 
 
 def _paged_decode_row(heads, kv_heads, dim, dtype, gen, batch=20, block_size=16) -> dict:
@@ -147,7 +185,9 @@ def _paged_prefill_row(q, kv_heads, start, gen, block_size=16) -> dict | None:
     pool = torch.randn(2, kv_heads, 2 * blocks, block_size, dim, generator=gen).to(q.dtype)
     table = torch.randperm(2 * blocks, generator=gen)[:blocks]
     with torch.inference_mode():
-        if not ops.fast_paged(q, pool):
+        if not (
+            ops.fast_paged(q, pool) or (q.dtype == torch.float32 and ops.supports_paged(q, pool))
+        ):
             return None
 
         def gathered():

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from lmstack.errors import InputError
+from lmstack.model.llama import resolve_dtype
 
 BASELINES = ("hf", "hf-bf16", "hf-batch", "none")
 
@@ -169,7 +170,7 @@ def bench_offline(
             "seed": seed,
         },
         "engine": {
-            "dtype": engine_options.get("dtype", "bfloat16"),
+            "dtype": resolve_dtype(engine_options.get("dtype"), engine_options.get("model"))[0],
             **run_engine(workload, **engine_options),
         },
     }

@@ -1,4 +1,6 @@
-"""`lmstack bench precision`: fp32 vs bf16 vs int8 on memory, speed and perplexity.
+"""`lmstack bench precision`: every precision against fp32 on memory, speed, perplexity
+and greedy agreement (the share of greedy next-token choices, over the scored text, that
+match the fp32 dequantized model's).
 
 Perplexity is measured on real text (by default the NIST SP 800-63-3 report shipped in
 shared/data) in non-overlapping windows, so every dtype scores exactly the same tokens.
@@ -14,7 +16,7 @@ import torch
 
 from lmstack.errors import InputError
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "bfloat16", "int8", "gguf", "q4_1", "q4_0", "q8_0")
 
 
 def read_corpus(path: Path) -> str:
@@ -27,10 +29,11 @@ def read_corpus(path: Path) -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, token_ids: list[int], window: int) -> float:
+def score(model, token_ids: list[int], window: int) -> tuple[float, torch.Tensor]:
+    """(perplexity, the greedy next token at every scored position)."""
     from lmstack.model.cache import NoCache
 
-    nll, count = 0.0, 0
+    nll, count, greedy = 0.0, 0, []
     for start in range(0, len(token_ids) - 1, window):
         chunk = torch.tensor(token_ids[start : start + window + 1])
         if len(chunk) < 2:
@@ -39,7 +42,12 @@ def perplexity(model, token_ids: list[int], window: int) -> float:
         logits = model.compute_logits(model(inputs, torch.arange(len(inputs)), NoCache()))
         nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += len(targets)
-    return math.exp(nll / count)
+        greedy.append(logits.argmax(-1))
+    return math.exp(nll / count), torch.cat(greedy)
+
+
+def perplexity(model, token_ids: list[int], window: int) -> float:
+    return score(model, token_ids, window)[0]
 
 
 def decode_speed(model, tokenizer, tokens: int = 64) -> float:
@@ -61,8 +69,10 @@ def bench_precision(text_path: Path, max_tokens: int, window: int, dtypes=DTYPES
             raise InputError(f"dtype {name!r}: choose from {', '.join(DTYPES)}")
     if window < 16:
         raise InputError(f"--window must be >= 16 tokens, got {window}")
-    results = {}
+    results, greedy = {}, {}
     tokens = None
+    if "float32" not in dtypes:
+        dtypes = ["float32", *dtypes]  # the reference every row is compared with
     for name in dtypes:
         start = time.perf_counter()
         model = LlamaForCausalLM.from_pretrained("bundled", name)
@@ -70,11 +80,12 @@ def bench_precision(text_path: Path, max_tokens: int, window: int, dtypes=DTYPES
         tokenizer = Tokenizer(model.source)
         if tokens is None:
             tokens = tokenizer.encode(read_corpus(text_path))[:max_tokens]
+        ppl, greedy[name] = score(model, tokens, window)
         results[name] = {
             "weights_gb": round(model.weight_bytes() / 1e9, 3),
             "load_s": round(load_s, 2),
             "decode_tokens_per_s": round(decode_speed(model, tokenizer), 1),
-            "perplexity": round(perplexity(model, tokens, window), 3),
+            "perplexity": round(ppl, 3),
         }
         del model
     base = results.get("float32")
@@ -85,7 +96,13 @@ def bench_precision(text_path: Path, max_tokens: int, window: int, dtypes=DTYPES
             row["speed_vs_fp32"] = round(
                 row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2
             )
+        for name, row in results.items():
+            same = (greedy[name] == greedy["float32"]).float().mean().item()
+            row["greedy_agreement_vs_fp32"] = round(same, 4)
+    from lmstack.cpu import describe
+
     return {
+        "cpu": describe(),
         "text": str(text_path),
         "tokens": len(tokens or []),
         "window": window,

@@ -84,6 +84,10 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
+    def precision(self) -> dict:
+        return self.engine.precision
+
+    @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -10,7 +10,7 @@ from lmstack.errors import InputError
 @dataclass
 class EngineConfig:
     model: str = "bundled"  # "bundled", a .gguf file or a HF directory
-    dtype: str = "bfloat16"  # float32, bfloat16 or int8 (weight-only, bf16 activations)
+    dtype: str = "auto"  # chosen for the CPU (lmstack.cpu); or any of model.llama.DTYPE_NAMES
     max_num_seqs: int = 32  # sequences decoded together
     # Tokens per step: decodes + prefill chunks. Small steps keep TTFT and inter-token
     # latency low: a new prompt waits for the step in flight, then for the step holding its

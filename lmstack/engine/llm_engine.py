@@ -302,6 +302,14 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- stats
 
+    @property
+    def precision(self) -> dict:
+        """The weights' precision as loaded ("auto" resolved), why, and the CPU it suits."""
+        from lmstack.cpu import describe
+
+        model = self.model
+        return {"dtype": model.dtype_name, "reason": model.dtype_reason, "cpu": describe()}
+
     def stats(self) -> dict:
         sched = self.scheduler
         return {

@@ -19,6 +19,7 @@ bound by the number of ops). The torch code below is the definition and the fall
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from torch import nn
 from lmstack.errors import InputError, ModelLoadError
 from lmstack.kernels import ops
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
+
+log = logging.getLogger("lmstack.engine")
 
 DTYPES = {
     "float32": torch.float32,
@@ -47,8 +50,27 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name.lower()]
     except KeyError:
         raise InputError(
-            f"dtype {name!r} is not supported; choose one of float32, bfloat16, float16, int8"
+            f"dtype {name!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}"
         ) from None
+
+
+# Every --dtype lmstack takes: "auto" (lmstack.cpu.choose_dtype), torch float types, int8
+# (weight-only, torch's kernel) and GGUF's block formats (lmstack.model.qlinear).
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "int8", "gguf", "q4_1", "q4_0", "q8_0")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, model=None) -> tuple[str, str]:
+    """(dtype name, why) with "auto" (or None) decided for this CPU and model."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch."), "given"
+    name = (dtype or "auto").lower()
+    if name == "auto":
+        from lmstack.cpu import choose_dtype
+
+        return choose_dtype(model)
+    if name not in DTYPE_NAMES and name not in DTYPES:
+        parse_dtype(name)  # raises, naming the choices
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name), "given"
 
 
 class RMSNorm(nn.Module):
@@ -216,6 +238,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.source: Path | None = None
         self.load_seconds = 0.0
+        # The precision asked for or chosen ("auto" resolved), and why (logs, /metrics).
+        self.dtype_name, self.dtype_reason = "float32", "given"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -252,13 +276,27 @@ class LlamaForCausalLM(nn.Module):
     ) -> LlamaForCausalLM:
         """Load the bundled model ("bundled"/None), a .gguf file or an HF directory.
 
-        dtype "int8" loads bf16 weights and quantizes the linear layers (lmstack.model.quant).
-        fp32 and bf16 linear layers are pre-packed for oneDNN unless `pack` is False
-        (lmstack.model.packed; a no-op where the CPU or build cannot).
+        dtype "auto" is chosen for this CPU (lmstack.cpu.choose_dtype). "int8" loads bf16
+        weights and quantizes the linear layers (lmstack.model.quant); "gguf", "q4_1",
+        "q4_0" and "q8_0" put them in GGUF's block formats, from the file's own blocks where
+        it has them (lmstack.model.qlinear). fp32 and bf16 linear layers are pre-packed for
+        oneDNN unless `pack` is False (lmstack.model.packed; a no-op where the CPU or build
+        cannot).
         """
+        from lmstack.model.qlinear import FORMATS
+
         start = time.perf_counter()
-        quantize = isinstance(dtype, str) and dtype.lower() == "int8"
-        torch_dtype = torch.bfloat16 if quantize else parse_dtype(dtype)
+        dtype_name, dtype_reason = resolve_dtype(dtype, model)
+        if dtype_reason != "given":
+            log.info("dtype auto -> %s (%s)", dtype_name, dtype_reason)
+        quantize = dtype_name == "int8"
+        blocks = dtype_name in FORMATS
+        if quantize:
+            torch_dtype = torch.bfloat16
+        elif blocks:
+            torch_dtype = torch.float32
+        else:
+            torch_dtype = parse_dtype(dtype_name)
         model_dir = resolve_model(model)
         config = load_config(model_dir)
         state = fuse_hf_state_dict(load_state_dict(model_dir), config.num_hidden_layers)
@@ -291,11 +329,17 @@ class LlamaForCausalLM(nn.Module):
             from lmstack.model.quant import quantize_int8
 
             quantize_int8(net)
+        elif blocks:
+            from lmstack.model.qlinear import quantize_model
+            from lmstack.model.weights import source_gguf
+
+            quantize_model(net, dtype_name, source_gguf(model))
         elif pack:
             from lmstack.model.packed import pack_linears
 
             pack_linears(net)
         net.eval()
+        net.dtype_name, net.dtype_reason = dtype_name, dtype_reason
         net.source = model_dir
         net.load_seconds = time.perf_counter() - start
         return net
@@ -312,7 +356,8 @@ def shared_model(model: str | Path | None = None, dtype: str = "float32"):
     """
     from lmstack.model.tokenizer import Tokenizer
 
-    key = (str(model or "bundled"), str(dtype))
+    name, _ = resolve_dtype(dtype, model)  # "auto" shares the copy of what it chooses
+    key = (str(model or "bundled"), name)
     if key not in _SHARED:
         net = LlamaForCausalLM.from_pretrained(model, dtype)
         _SHARED[key] = (net, Tokenizer(net.source))

@@ -70,7 +70,7 @@ class KernelLinear(nn.Module):
         self.register_buffer("packed", ops.pack_bf16(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.usable(x) and x.dtype == torch.bfloat16:
+        if ops.usable(x) and x.dtype == torch.bfloat16 and ops.linear_bf16_supported():
             return ops.linear_bf16(x, self.packed, self.out_features)
         return F.linear(x, ops.unpack_bf16(self.packed, self.out_features).to(x.dtype))
 

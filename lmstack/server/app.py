@@ -339,6 +339,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             created=state.created,
             root=str(state.engine.engine.config.model),
             max_model_len=state.engine.engine.max_model_len,
+            dtype=state.engine.precision["dtype"],
+            dtype_reason=state.engine.precision["reason"],
         )
         return p.ModelList(data=[card]).model_dump()
 

@@ -30,7 +30,11 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind"),
     port: int = typer.Option(8000, "--port", help="Port to bind"),
     model: str = typer.Option("bundled", "--model", help="'bundled', a .gguf or a HF directory"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or int8"),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="auto (chosen for this CPU), float32, bfloat16, int8, gguf, q4_1, q4_0 or q8_0",
+    ),
     served_model_name: str | None = typer.Option(
         None, "--served-model-name", help="Model name in the API (default: from --model)"
     ),

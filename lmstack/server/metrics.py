@@ -67,6 +67,14 @@ class _EngineCollector(Collector):
         self.memory_limit = memory_limit_bytes()
 
     def collect(self) -> Iterator[Metric]:
+        precision = self.engine.precision
+        info = GaugeMetricFamily(
+            "lmstack:model_precision_info",
+            "The weights' precision (--dtype, auto resolved) and the CPU it was chosen for.",
+            labels=["dtype", "cpu"],
+        )
+        info.add_metric([precision["dtype"], precision["cpu"]], 1)
+        yield info
         stats = self.engine.stats()
         yield GaugeMetricFamily(
             "lmstack:memory_limit_bytes",

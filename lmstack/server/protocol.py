@@ -203,6 +203,8 @@ class ModelCard(OpenAIModel):
     owned_by: str = "lmstack"
     root: str | None = None
     max_model_len: int | None = None
+    dtype: str | None = None  # the weights' precision, "auto" resolved
+    dtype_reason: str | None = None
 
 
 class ModelList(OpenAIModel):

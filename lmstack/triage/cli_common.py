@@ -42,7 +42,7 @@ BATCH = 128  # tickets in flight at once: below the engine's waiting-queue bound
 @dataclass
 class TriagerOptions:
     model: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     llm_url: str | None = None
     max_retries: int = 2
     examples: str | None = None
@@ -55,7 +55,11 @@ TRIAGER_OPTIONS = {
     "model": typer.Option(
         None, "--model", help="HF dir or 'bundled' (default: bundled + the shipped triage adapter)"
     ),
-    "dtype": typer.Option("bfloat16", "--dtype", help="float32, bfloat16 or int8"),
+    "dtype": typer.Option(
+        "auto",
+        "--dtype",
+        help="auto (chosen for this CPU), float32, bfloat16, int8, gguf, q4_1, q4_0 or q8_0",
+    ),
     "llm_url": typer.Option(None, "--llm-url", help="Use an OpenAI-compatible server instead"),
     "max_retries": typer.Option(2, "--max-retries", help="Retries with the validator's errors"),
     "examples": typer.Option(

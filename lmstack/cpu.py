@@ -1,0 +1,108 @@
+"""What this CPU can do, the development switch that restricts it, and the precision chosen
+for it.
+
+`LMSTACK_CPU_ISA=avx2` makes an AVX-512 machine behave as an AVX2-only one, for testing the
+other CPU kind: lmstack's kernels are compiled without AVX-512 (lmstack.kernels), torch's
+own kernels are limited to AVX2 (ATEN_CPU_CAPABILITY) and oneDNN's too
+(ONEDNN_MAX_CPU_ISA), and `--dtype auto` decides as it would on such a CPU. `apply_isa_env()`
+sets the two torch variables; `import lmstack` calls it, before anything imports torch.
+`LMSTACK_CPU_ISA=native` (the default) leaves everything as the CPU is.
+
+`--dtype auto` picks, for the bundled model on this machine:
+- bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matrix
+  products run 3-9x faster than fp32, and lmstack's bf16 kernels apply;
+- elsewhere (AVX2 and FMA only: there torch's bf16 matmul runs under 1 GFLOPS) the GGUF's
+  own block-quantized weights (`gguf`: Q4_1 layers, Q8_0 LM head) through lmstack's integer
+  kernel, for a model that comes as a GGUF; `q8_0` for float checkpoints;
+- float32 where lmstack's kernels are unavailable (no compiler, LMSTACK_KERNELS=0).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+ISAS = ("native", "avx2")
+
+
+def requested_isa() -> str:
+    isa = os.environ.get("LMSTACK_CPU_ISA", "native").strip().lower() or "native"
+    if isa not in ISAS:
+        from lmstack.errors import InputError
+
+        raise InputError(f"LMSTACK_CPU_ISA={isa!r} is not one of {', '.join(ISAS)}")
+    return isa
+
+
+def apply_isa_env() -> None:
+    """Under LMSTACK_CPU_ISA=avx2, restrict torch and oneDNN too (before torch loads)."""
+    if os.environ.get("LMSTACK_CPU_ISA", "").strip().lower() == "avx2":
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+
+@lru_cache(maxsize=1)
+def _cpuinfo_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def features() -> frozenset[str]:
+    """The CPU's feature flags (as /proc/cpuinfo names them), less what LMSTACK_CPU_ISA hides."""
+    flags = _cpuinfo_flags()
+    if requested_isa() == "avx2":
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    return flags
+
+
+def native_bf16() -> bool:
+    flags = features()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def describe() -> str:
+    """One line for logs and reports: the CPU model and the ISA level lmstack uses."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or 'unknown CPU'} ({isa_level()})"
+
+
+def isa_level() -> str:
+    flags = features()
+    if native_bf16():
+        return "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "baseline"
+
+
+def choose_dtype(model: str | os.PathLike | None) -> tuple[str, str]:
+    """(dtype, why) for `--dtype auto` on this machine and model."""
+    from lmstack.kernels import ops
+
+    level = isa_level()
+    if native_bf16():
+        return "bfloat16", f"{level}: the CPU multiplies bf16 natively"
+    if not ops.linear_q_supported():
+        from lmstack import kernels
+
+        return "float32", f"{level}: no native bf16, quantized kernel {kernels.status()}"
+    from lmstack.model.weights import source_gguf
+
+    if source_gguf(model) is not None:
+        return "gguf", f"{level}: no native bf16; the GGUF's own blocks, integer kernel"
+    return "q8_0", f"{level}: no native bf16; float weights quantized to Q8_0, integer kernel"
