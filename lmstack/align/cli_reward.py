@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from lmstack.align.cli_common import dump, echo_report, numbers
+from lmstack.cpu import native_bf16
 from lmstack.errors import InputError
 
 reward_app = typer.Typer(help="Train, evaluate and apply a reward model.")
@@ -35,7 +36,9 @@ def reward_train_command(
     lora: bool = typer.Option(False, "--lora", help="LoRA instead of full fine-tune"),
     train_layers: int | None = typer.Option(None, "--train-layers", help="Top K blocks only"),
     max_steps: int = typer.Option(-1, "--max-steps", help="Stop after N steps (smoke tests)"),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast"),
+    bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="bf16 autocast (default: where the CPU has native bf16)"
+    ),
     eval_before: bool = typer.Option(
         True, "--eval-before/--no-eval-before", help="Validation accuracy before training"
     ),
@@ -67,7 +70,7 @@ def reward_train_command(
             depths=numbers(depths, int, "--depths") if depths else None,
             l2s=numbers(l2, float, "--l2"),
             folds=folds,
-            bf16=bf16,
+            bf16=native_bf16() if bf16 is None else bf16,
             seed=seed,
         )
         result = fit_reward_head(train, val, out, model, head_config, log=log)
@@ -82,7 +85,7 @@ def reward_train_command(
             lora=lora,
             train_layers=train_layers,
             max_steps=max_steps,
-            bf16=bf16,
+            bf16=native_bf16() if bf16 is None else bf16,
             eval_before=eval_before,
             seed=seed,
             val_fraction=val_fraction,

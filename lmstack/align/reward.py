@@ -17,11 +17,12 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmstack.align.data import Pair
 from lmstack.align.trl_args import shared_trainer_args, silence, trainer_scratch
+from lmstack.cpu import native_bf16
 from lmstack.errors import InputError, ModelLoadError
 
 # Padding must not be a token that occurs in the text: the head reads the last non-pad
@@ -47,7 +48,9 @@ class RewardConfig:
     patience: int = 1  # epochs without a better validation accuracy before stopping
     max_steps: int = -1  # for smoke tests
     eval_before: bool = True  # validation accuracy of the untrained head, for reference
-    bf16: bool = True  # bf16 autocast: 3-9x faster matmuls on a CPU with AMX / AVX-512 bf16
+    # bf16 autocast only where the CPU multiplies bf16 natively (AMX / AVX512-BF16: 3-9x
+    # faster); on AVX2-only CPUs torch's bf16 matmul runs under 1 GFLOPS, fp32 is far faster.
+    bf16: bool = field(default_factory=native_bf16)
     seed: int = 0
     val_fraction: float = 0.2
 
@@ -137,13 +140,15 @@ def trained_max_length(model_dir: Path, default: int = 512) -> int:
 def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8) -> list[float]:
     import torch
 
-    # bf16 autocast on a CPU: the matmuls run on AMX; the scalar head's order barely moves.
+    # bf16 autocast where the CPU has native bf16 (the matmuls run on AMX / AVX512-BF16; the
+    # scalar head's order barely moves); fp32 elsewhere, where bf16 is the slow path.
     device = next(model.parameters()).device.type
 
     scores: list[float] = []
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding
     out = [0.0] * len(sequences)
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+    bf16 = device != "cpu" or native_bf16()
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(order), batch_size):
             batch = [sequences[i] for i in order[start : start + batch_size]]
             width = max(len(s) for s in batch)
