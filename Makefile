@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test lint install
+.PHONY: serve test test-avx2 lint install
 
 install: $(STAMP)
 
@@ -24,3 +24,9 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
+
+# The engine, model and kernel tests once more as on an AVX2-only CPU (lmstack.cpu:
+# LMSTACK_CPU_ISA=avx2 also limits torch and oneDNN). .ci/run adds it on AVX-512 machines.
+ISA_TESTS := tests/test_kernels.py tests/test_qlinear.py tests/test_packed.py tests/test_model.py tests/test_engine.py
+test-avx2: $(STAMP)
+	LMSTACK_CPU_ISA=avx2 $(VENV)/bin/pytest -q $(ISA_TESTS)

@@ -75,12 +75,14 @@ def test_bench_precision_reports_each_dtype(model, capsys, tmp_path):
         assert row["greedy_agreement_vs_fp32"] > 0.8, name
 
 
-def test_bench_kernels_reports_both_sides(capsys):
+def test_bench_kernels_reports_both_sides(capsys, tmp_path):
     import json
 
     code, out, _ = run_cli(["bench", "kernels", "--json"], capsys)
     assert code == 0
-    rows = json.loads(out)
+    saved = json.loads(out)
+    assert saved["kind"] == "kernels" and saved["meta"]["cpu"]
+    rows = saved["rows"]
     from lmstack import kernels
     from lmstack.cpu import choose_dtype
 
@@ -102,6 +104,17 @@ def test_bench_kernels_reports_both_sides(capsys):
     for r in rows:
         assert r["baseline_ms"] > 0 and r["lmstack_ms"] > 0
         assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["lmstack_ms"], rel=0.02)
+    # The saved JSON renders into docs/benchmarks.md under its CPU, with date and commit.
+    saved_path = tmp_path / "kernels.json"
+    saved_path.write_text(out)
+    page = tmp_path / "benchmarks.md"
+    code, _, _ = run_cli(["bench", "report", str(saved_path), "--out", str(page)], capsys)
+    text = page.read_text()
+    assert code == 0 and f"## {saved['meta']['cpu']}" in text
+    assert all(r["kernel"] in text for r in rows) and saved["meta"]["date"] in text
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    code, _, err = run_cli(["bench", "report", str(tmp_path / "bad.json")], capsys)
+    assert code == 2 and "bad.json" in err
 
 
 def test_bench_kernels_rejects_unpackable_dtype(capsys):

@@ -98,7 +98,10 @@ def kernels_command(
     except RuntimeError as exc:
         raise InputError(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        from lmstack.bench.report import meta
+
+        saved = {"kind": "kernels", "meta": meta(), "dtype": str(dtype), "rows": rows}
+        typer.echo(json.dumps(saved, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -136,7 +139,9 @@ def precision_command(
     path = Path(text) if text else shared_data_dir() / "nist-sp800-63-3"
     result = bench_precision(path, max_tokens, window, [d.strip() for d in dtypes.split(",")])
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        from lmstack.bench.report import meta
+
+        typer.echo(json.dumps({"kind": "precision", "meta": meta(), **result}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -288,3 +293,69 @@ def ladder_command(
         Path(markdown_out).write_text(table)
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
+
+
+@bench_app.command("compare")
+def compare_command(
+    llama_server: str = typer.Option(
+        ..., "--llama-server", help="llama.cpp's llama-server binary (deploy/llama-cpp/build.sh)"
+    ),
+    gguf: str | None = typer.Option(
+        None, "--gguf", help="GGUF both servers run (default: bundled)"
+    ),
+    users: int = typer.Option(20, "--users", help="Closed-loop users of the loaded workload"),
+    num_prompts: int = typer.Option(60, "--num-prompts", help="Requests of the loaded workload"),
+    single_prompts: int = typer.Option(8, "--single-prompts", help="Single-stream requests"),
+    input_len: int = typer.Option(130, "--input-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON here"),
+) -> None:
+    """lmstack serve vs llama.cpp's llama-server on one GGUF: single stream and N users."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lmstack.bench import compare, serve
+    from lmstack.errors import InputError
+    from lmstack.model.tokenizer import Tokenizer
+    from lmstack.model.weights import bundled_gguf_path, resolve_model
+
+    if users < 1 or num_prompts < 1 or single_prompts < 1:
+        raise InputError("--users, --num-prompts and --single-prompts must be >= 1")
+    path = Path(gguf) if gguf else bundled_gguf_path()
+    tokenizer = Tokenizer(resolve_model(str(path)))
+    workloads = {
+        "single stream": (
+            serve.random_dataset(tokenizer, single_prompts, input_len, output_len, seed),
+            1,
+        ),
+        f"{users} users": (
+            serve.random_dataset(tokenizer, num_prompts, input_len, output_len, seed + 1),
+            users,
+        ),
+    }
+    console = Console(stderr=True)
+    result = compare.run_compare(
+        Path(llama_server), path, workloads, input_len + output_len, log=console.log
+    )
+    typer.echo(compare.to_markdown(result))
+    if json_out:
+        from lmstack.bench.report import meta
+
+        saved = {"kind": "compare", "meta": meta(), **result}
+        Path(json_out).write_text(json.dumps(saved, indent=2))
+
+
+@bench_app.command("report")
+def report_command(
+    files: list[str] = typer.Argument(..., help="JSON outputs of bench kernels/precision/compare"),
+    out: str = typer.Option("docs/benchmarks.md", "--out", help="Markdown file to write"),
+) -> None:
+    """Render saved benchmark JSON (with its date, commit and CPU) as one markdown page."""
+    from pathlib import Path
+
+    from lmstack.bench.report import render
+
+    Path(out).write_text(render([Path(f) for f in files]))
+    typer.echo(f"wrote {out}")

@@ -86,38 +86,39 @@ def _peak_rss_gb(pid: int) -> float | None:
     return None
 
 
-def _start_server(rung: Rung, model: str) -> tuple[subprocess.Popen, str]:
+def launch(
+    cmd: list[str], url: str, ready_path: str, name: str, wait_s: float = 180
+) -> subprocess.Popen:
+    """Start a server process and wait until GET url+ready_path answers 200."""
     import httpx
 
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmstack.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        model,
-        *rung.args,
-    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise LmstackError(f"server for {rung.name!r} exited: {proc.stderr.read()[-500:]}")
+            raise LmstackError(f"server for {name!r} exited: {proc.stderr.read()[-500:]}")
         try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(f"{url}{ready_path}", timeout=1).status_code == 200:
+                return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise LmstackError(f"server for {rung.name!r} not ready after 180 s")
+    raise LmstackError(f"server for {name!r} not ready after {wait_s:.0f} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def lmstack_server(args: list[str], model: str, name: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port), "--model", model]
+    url = f"http://127.0.0.1:{port}"
+    return launch([*cmd, *args], url, "/ready", name), url
+
+
+def _start_server(rung: Rung, model: str) -> tuple[subprocess.Popen, str]:
+    return lmstack_server(rung.args, model, rung.name)
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -181,7 +182,7 @@ def run_ladder(
             results, wall = asyncio.run(run_load(url, specs, concurrency=users))
             peak = _peak_rss_gb(proc.pid)
         finally:
-            _stop(proc)
+            stop(proc)
         s = summarize(results, wall)
         ok = [r for r in results if r.ok]
         per_user = [r.output_tokens / r.e2e for r in ok if r.e2e]
