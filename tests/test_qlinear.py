@@ -219,3 +219,40 @@ def test_isa_switch_restricts_lmstack_torch_and_onednn():
     assert capability == "AVX2" and onednn == "AVX2"
     bad = _run("import lmstack.cpu as c; c.requested_isa()", LMSTACK_CPU_ISA="sse9")
     assert bad.returncode != 0 and "LMSTACK_CPU_ISA='sse9'" in bad.stderr
+
+
+@needs_kernel
+def test_decode_steps_in_one_call_equal_the_per_layer_path():
+    # A decode-only step of a block-quantized model runs all 30 layers in one C call
+    # (ops.decode_stack); it calls the same kernels in the same order, so greedy tokens and
+    # log-probabilities equal the per-layer path's exactly. Mixed steps (a prefill chunk
+    # beside decodes) keep the per-layer path.
+    import random
+
+    from lmstack.engine.llm_engine import LLMEngine
+    from lmstack.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(dtype="gguf", num_kv_tokens=4096)
+    inner = engine.model.model
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randrange(5, 60))] for _ in range(5)]
+
+    def run():
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+        ids = [engine.add_request(p, params) for p in prompts]
+        tokens, logprobs = {}, {i: [] for i in ids}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                logprobs[out.request_id] += [t.logprob for t in out.new_logprobs or []]
+                if out.finished:
+                    tokens[out.request_id] = out.token_ids
+        return [tokens[i] for i in ids], [logprobs[i] for i in ids]
+
+    fused = run()
+    assert inner._stack_args() is not None
+    inner.__dict__["_stack"] = ()  # the per-layer path, on the same weights
+    try:
+        per_layer = run()
+    finally:
+        del inner.__dict__["_stack"]
+    assert fused == per_layer

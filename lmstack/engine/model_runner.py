@@ -89,6 +89,17 @@ class PagedAttention:
             out[rows] = sdpa(q[rows].transpose(0, 1), kv[0], kv[1], causal=True).transpose(0, 1)
         return out
 
+    def paged_decode_layout(self):
+        """(pool of every layer, slots, block tables, lengths) when this step is decode-only
+        over an fp32 cache and kernels are on, so the model may run all its layers in one
+        call (lmstack.kernels.ops.decode_stack); None otherwise."""
+        if self.prefills or self.decode_tables is None or not self.runner.use_kernel:
+            return None
+        pool = self.runner.kv_cache
+        if pool.dtype != torch.float32 or not pool.is_contiguous():
+            return None
+        return pool, self.slots, self.decode_tables, self.decode_lengths
+
     def _kernel_mode(self, q: torch.Tensor, pool: torch.Tensor) -> str:
         if not self._kernel:
             if not (self.runner.use_kernel and ops.supports_paged(q, pool)):

@@ -44,6 +44,7 @@ SOURCES = [
         "prefill_bf16.cpp",
         "gemm_bf16.cpp",
         "gemm_q.cpp",
+        "decode_stack.cpp",
     )
 ]
 HEADERS = [Path(__file__).parent / "csrc" / "groups.h"]  # included by SOURCES: hashed too
@@ -113,6 +114,7 @@ SIGNATURES = {
     "lmstack_linear_bf16_supported": [],
     "lmstack_linear_q": [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I],
     "lmstack_linear_q_supported": [],
+    "lmstack_decode_stack": [_P, _P, _F] + [_P] * 10,
 }
 
 

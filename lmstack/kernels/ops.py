@@ -12,6 +12,7 @@ import torch
 
 from lmstack.kernels import MAX_DIM, MAX_GROUP, load
 
+
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -373,4 +374,53 @@ def linear_q(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int) -> torch.
         torch.get_num_threads(),
     )
     _check(code, f"linear_q (x {tuple(x.shape)}, W [{n}, {k}], Q{bits})")
+    return out
+
+
+def decode_stack(
+    x: torch.Tensor,
+    layer_args: tuple[torch.Tensor, torch.Tensor],
+    shape: tuple[int, ...],
+    eps: float,
+    pool: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """All decoder layers of a decode-only step in one call (decode_stack.cpp), for models
+    whose linear layers are all block-quantized. x [rows, hidden] fp32 embeddings (updated in
+    place: the residual stream); returns the final norm's output [rows, hidden].
+
+    layer_args: (linears, norms) int64 pointer tables from `stack_args`; shape: (layers,
+    hidden, heads, kv_heads, dim, inter); pool: the engine's whole fp32 KV cache [layers, 2,
+    kv_heads, blocks, block_size, dim]."""
+    rows, hidden = x.shape
+    _, _, _, num_blocks, block_size, _ = pool.shape
+    if tables.stride(1) != 1:
+        tables = tables.contiguous()
+    dims = torch.tensor(
+        [rows, *shape, num_blocks, block_size, tables.stride(0), torch.get_num_threads()],
+        dtype=torch.int64,
+    )
+    out = torch.empty_like(x)
+    linears, norms = layer_args
+    code = load().lmstack_decode_stack(
+        x.data_ptr(),
+        dims.data_ptr(),
+        eps,
+        linears.data_ptr(),
+        norms.data_ptr(),
+        pool.data_ptr(),
+        slots.data_ptr(),
+        tables.data_ptr(),
+        lengths.data_ptr(),
+        positions.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        out.data_ptr(),
+    )
+    _check(code, f"decode_stack ({rows} rows, pool {tuple(pool.shape)})")
     return out

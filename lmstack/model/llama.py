@@ -210,10 +210,56 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [N, hidden]
         rope = self.rotary(positions, x.dtype)
         if len(self.layers) and x.dim() == 2 and ops.usable(x, self.norm.weight):
+            # A decode-only step over a paged fp32 cache, block-quantized layers: one call.
+            layout = getattr(cache, "paged_decode_layout", None)
+            layout = layout() if layout is not None and isinstance(rope, KernelRope) else None
+            args = self._stack_args() if layout is not None else None
+            if args is not None:
+                shape, eps = self._stack_shape, self.norm.eps
+                return ops.decode_stack(x, args, shape, eps, *layout, *rope)
             return self._forward_fused(x, rope, cache)
         for layer in self.layers:
             x = layer(x, rope, cache)
         return self.norm(x)
+
+    def _stack_args(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Pointer tables of every layer's quantized linears and norm weights for
+        ops.decode_stack, or None where it does not apply (any layer not block-quantized,
+        not fp32, shapes the attention kernel cannot take). Built once."""
+        cached = self.__dict__.get("_stack")
+        if cached is not None:
+            return cached or None
+        from lmstack.model.qlinear import QuantLinear
+
+        linears, norms = [], []
+        first = self.layers[0].self_attn
+        group = first.num_heads // first.num_kv_heads
+        ok = (
+            self.norm.weight.dtype == torch.float32
+            and ops.linear_q_supported()
+            and first.num_heads % first.num_kv_heads == 0
+            and group <= ops.MAX_GROUP
+            and first.head_dim <= ops.MAX_DIM
+        )
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                ok = ok and isinstance(lin, QuantLinear)
+                if ok:
+                    linears += [lin.packed.data_ptr(), lin.bits]
+            norms += [layer.input_layernorm.weight.data_ptr()]
+            norms += [layer.post_attention_layernorm.weight.data_ptr()]
+        norms.append(self.norm.weight.data_ptr())
+        if not ok:
+            self.__dict__["_stack"] = ()
+            return None
+        cfg = (first.num_heads, first.num_kv_heads, first.head_dim)
+        inter = self.layers[0].mlp.down_proj.in_features
+        hidden = self.norm.weight.numel()
+        self.__dict__["_stack_shape"] = (len(self.layers), hidden, *cfg, inter)
+        args = (torch.tensor(linears, dtype=torch.int64), torch.tensor(norms, dtype=torch.int64))
+        self.__dict__["_stack"] = args
+        return args
 
     def _forward_fused(self, x, rope, cache) -> torch.Tensor:
         """The layers of DecoderLayer.forward, with each residual add fused into the norm
