@@ -185,9 +185,7 @@ def _paged_prefill_row(q, kv_heads, start, gen, block_size=16) -> dict | None:
     pool = torch.randn(2, kv_heads, 2 * blocks, block_size, dim, generator=gen).to(q.dtype)
     table = torch.randperm(2 * blocks, generator=gen)[:blocks]
     with torch.inference_mode():
-        if not (
-            ops.fast_paged(q, pool) or (q.dtype == torch.float32 and ops.supports_paged(q, pool))
-        ):
+        if not (ops.tiled_prefill(q, pool)):
             return None
 
         def gathered():

@@ -62,7 +62,8 @@ class PagedAttention:
         self.prefills = prefills
         self._mask: torch.Tensor | None = None
         # Decided at the first layer, the same for all: "torch", "paged" (the kernel for
-        # decode tokens) or "fast" (its AVX512-BF16 path, prefill chunks too).
+        # decode tokens) or "fast" (prefill chunks too, through a tiled kernel: bf16 on
+        # AVX512-BF16, fp32 on AVX2).
         self._kernel = ""
         self._work: torch.Tensor | None = None  # the kernel's scratch, shared by all layers
 
@@ -105,7 +106,7 @@ class PagedAttention:
             if not (self.runner.use_kernel and ops.supports_paged(q, pool)):
                 self._kernel = "torch"
             else:
-                self._kernel = "fast" if ops.fast_paged(q, pool) else "paged"
+                self._kernel = "fast" if ops.tiled_prefill(q, pool) else "paged"
         return self._kernel
 
     def _decode(self, q: torch.Tensor, pool: torch.Tensor):

@@ -45,6 +45,7 @@ SOURCES = [
         "gemm_bf16.cpp",
         "gemm_q.cpp",
         "decode_stack.cpp",
+        "prefill_f32.cpp",
     )
 ]
 HEADERS = [Path(__file__).parent / "csrc" / "groups.h"]  # included by SOURCES: hashed too
@@ -115,6 +116,8 @@ SIGNATURES = {
     "lmstack_linear_q": [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I],
     "lmstack_linear_q_supported": [],
     "lmstack_decode_stack": [_P, _P, _F] + [_P] * 10,
+    "lmstack_paged_prefill_f32": [_P, _P, _P, _I, _I, _P] + [_I] * 6 + [_F],
+    "lmstack_prefill_f32_supported": [],
 }
 
 

@@ -12,7 +12,6 @@ import torch
 
 from lmstack.kernels import MAX_DIM, MAX_GROUP, load
 
-
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -54,6 +53,21 @@ def fast_paged(q: torch.Tensor, pool: torch.Tensor) -> bool:
         and group in (1, 2, 3, 4, 8)
         and supports_paged(q, pool)
         and linear_bf16_supported()  # compiled with AVX512-BF16, as that path is
+    )
+
+
+def tiled_prefill(q: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether `paged_prefill` has a tiled kernel for these shapes: the AVX512-BF16 one
+    (`fast_paged`) or the fp32 one for AVX2+FMA (prefill_f32.cpp: head size <= 128, up to 8
+    query heads per KV head)."""
+    if q.dtype == torch.bfloat16:
+        return fast_paged(q, pool)
+    return (
+        q.dtype == torch.float32
+        and q.shape[2] <= 128
+        and q.shape[1] // pool.shape[1] <= 8
+        and supports_paged(q, pool)
+        and load().lmstack_prefill_f32_supported() == 1
     )
 
 
@@ -128,15 +142,18 @@ def paged_prefill(
     positions start .. start+T-1, whose keys and values are already in the pool; query i
     sees the first start+i+1 of them. Keys and values are read in place (no gathered copy).
 
-    Where `fast_paged` holds this is the tiled kernel (prefill_bf16.cpp: 16 query rows per
-    pass over the keys); elsewhere each query is one decode-style task, all sharing the one
-    block table."""
+    Where `tiled_prefill` holds this is a tiled kernel (prefill_bf16.cpp: 16 query rows per
+    pass over the keys; prefill_f32.cpp: 8); elsewhere each query is one decode-style task,
+    all sharing the one block table."""
     tokens, heads, dim = q.shape
-    if tokens and fast_paged(q, pool):
+    if tokens and tiled_prefill(q, pool):
         _, kv_heads, num_blocks, block_size, _ = pool.shape
         q, table = q.contiguous(), table.contiguous()
         out = torch.empty_like(q)
-        ran = load().lmstack_paged_prefill_bf16(
+        lib = load()
+        bf16 = q.dtype == torch.bfloat16
+        kernel = lib.lmstack_paged_prefill_bf16 if bf16 else lib.lmstack_paged_prefill_f32
+        ran = kernel(
             q.data_ptr(),
             pool.data_ptr(),
             table.data_ptr(),
