@@ -90,16 +90,24 @@ class PagedAttention:
             out[rows] = sdpa(q[rows].transpose(0, 1), kv[0], kv[1], causal=True).transpose(0, 1)
         return out
 
-    def paged_decode_layout(self):
-        """(pool of every layer, slots, block tables, lengths) when this step is decode-only
-        over an fp32 cache and kernels are on, so the model may run all its layers in one
-        call (lmstack.kernels.ops.decode_stack); None otherwise."""
-        if self.prefills or self.decode_tables is None or not self.runner.use_kernel:
-            return None
+    def paged_layout(self):
+        """Where this step's keys and values go and which each row attends to, for a model
+        that runs all its layers in one call (lmstack.kernels.ops.layer_stack): (the whole
+        KV cache, slots, decode rows, their block tables and lengths, prefill chunks as
+        (first row, tokens, first position, block table address) rows). None unless the
+        cache is fp32 and kernels are on."""
         pool = self.runner.kv_cache
-        if pool.dtype != torch.float32 or not pool.is_contiguous():
+        if not self.runner.use_kernel or pool.dtype != torch.float32 or not pool.is_contiguous():
             return None
-        return pool, self.slots, self.decode_tables, self.decode_lengths
+        tables, lengths = self.decode_tables, self.decode_lengths
+        if tables is None:
+            tables = lengths = torch.zeros((0, 1), dtype=torch.long)
+        chunks = [
+            [p.start, p.length, p.context - p.length, p.block_table.data_ptr()]
+            for p in self.prefills
+        ]  # the tables stay alive with this context, for the duration of the call
+        chunks = torch.tensor(chunks, dtype=torch.long).view(-1, 4)
+        return pool, self.slots, self.decode_rows, tables, lengths, chunks
 
     def _kernel_mode(self, q: torch.Tensor, pool: torch.Tensor) -> str:
         if not self._kernel:

@@ -44,7 +44,7 @@ SOURCES = [
         "prefill_bf16.cpp",
         "gemm_bf16.cpp",
         "gemm_q.cpp",
-        "decode_stack.cpp",
+        "layer_stack.cpp",
         "prefill_f32.cpp",
     )
 ]
@@ -115,7 +115,7 @@ SIGNATURES = {
     "lmstack_linear_bf16_supported": [],
     "lmstack_linear_q": [_P, _I, _I, _I, _P, _I, _I, _P, _I, _I],
     "lmstack_linear_q_supported": [],
-    "lmstack_decode_stack": [_P, _P, _F] + [_P] * 10,
+    "lmstack_layer_stack": [_P, _P, _F] + [_P] * 12,
     "lmstack_paged_prefill_f32": [_P, _P, _P, _I, _I, _P] + [_I] * 6 + [_F],
     "lmstack_prefill_f32_supported": [],
 }

@@ -394,37 +394,36 @@ def linear_q(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int) -> torch.
     return out
 
 
-def decode_stack(
+def layer_stack(
     x: torch.Tensor,
     layer_args: tuple[torch.Tensor, torch.Tensor],
     shape: tuple[int, ...],
     eps: float,
-    pool: torch.Tensor,
-    slots: torch.Tensor,
-    tables: torch.Tensor,
-    lengths: torch.Tensor,
+    layout: tuple,
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> torch.Tensor:
-    """All decoder layers of a decode-only step in one call (decode_stack.cpp), for models
-    whose linear layers are all block-quantized. x [rows, hidden] fp32 embeddings (updated in
+    """All decoder layers of an engine step in one call (layer_stack.cpp), for models whose
+    linear layers are all block-quantized. x [rows, hidden] fp32 embeddings (updated in
     place: the residual stream); returns the final norm's output [rows, hidden].
 
-    layer_args: (linears, norms) int64 pointer tables from `stack_args`; shape: (layers,
-    hidden, heads, kv_heads, dim, inter); pool: the engine's whole fp32 KV cache [layers, 2,
-    kv_heads, blocks, block_size, dim]."""
+    layer_args: (linears, norms) int64 pointer tables (LlamaModel._stack_args); shape:
+    (layers, hidden, heads, kv_heads, dim, inter); layout: the attention context's
+    `paged_layout()`: (the whole fp32 KV cache [layers, 2, kv_heads, blocks, block_size,
+    dim], slots [rows], decode rows, their block tables and lengths, prefill chunks [C, 4]).
+    """
+    pool, slots, decode_rows, tables, lengths, chunks = layout
     rows, hidden = x.shape
     _, _, _, num_blocks, block_size, _ = pool.shape
     if tables.stride(1) != 1:
         tables = tables.contiguous()
-    dims = torch.tensor(
-        [rows, *shape, num_blocks, block_size, tables.stride(0), torch.get_num_threads()],
-        dtype=torch.int64,
-    )
+    threads = torch.get_num_threads()
+    dims = [rows, *shape, num_blocks, block_size, tables.stride(0), threads]
+    dims = torch.tensor([*dims, len(decode_rows), len(chunks)], dtype=torch.int64)
     out = torch.empty_like(x)
     linears, norms = layer_args
-    code = load().lmstack_decode_stack(
+    code = load().lmstack_layer_stack(
         x.data_ptr(),
         dims.data_ptr(),
         eps,
@@ -437,7 +436,9 @@ def decode_stack(
         positions.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
+        decode_rows.data_ptr(),
+        chunks.data_ptr(),
         out.data_ptr(),
     )
-    _check(code, f"decode_stack ({rows} rows, pool {tuple(pool.shape)})")
+    _check(code, f"layer_stack ({rows} rows, {len(chunks)} chunks, pool {tuple(pool.shape)})")
     return out

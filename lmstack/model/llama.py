@@ -210,13 +210,13 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # [N, hidden]
         rope = self.rotary(positions, x.dtype)
         if len(self.layers) and x.dim() == 2 and ops.usable(x, self.norm.weight):
-            # A decode-only step over a paged fp32 cache, block-quantized layers: one call.
-            layout = getattr(cache, "paged_decode_layout", None)
-            layout = layout() if layout is not None and isinstance(rope, KernelRope) else None
+            # A step over a paged fp32 cache with block-quantized layers: one call.
+            layout = getattr(cache, "paged_layout", None)
             args = self._stack_args() if layout is not None else None
-            if args is not None:
+            layout = layout() if args is not None and isinstance(rope, KernelRope) else None
+            if layout is not None:
                 shape, eps = self._stack_shape, self.norm.eps
-                return ops.decode_stack(x, args, shape, eps, *layout, *rope)
+                return ops.layer_stack(x, args, shape, eps, layout, *rope)
             return self._forward_fused(x, rope, cache)
         for layer in self.layers:
             x = layer(x, rope, cache)
@@ -224,8 +224,9 @@ class LlamaModel(nn.Module):
 
     def _stack_args(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Pointer tables of every layer's quantized linears and norm weights for
-        ops.decode_stack, or None where it does not apply (any layer not block-quantized,
-        not fp32, shapes the attention kernel cannot take). Built once."""
+        ops.layer_stack, or None where it does not apply (any layer not block-quantized,
+        not fp32, shapes the attention kernels cannot take: the tiled fp32 prefill takes up
+        to 8 query heads per KV head and head size 128). Built once."""
         cached = self.__dict__.get("_stack")
         if cached is not None:
             return cached or None
@@ -238,8 +239,9 @@ class LlamaModel(nn.Module):
             self.norm.weight.dtype == torch.float32
             and ops.linear_q_supported()
             and first.num_heads % first.num_kv_heads == 0
-            and group <= ops.MAX_GROUP
-            and first.head_dim <= ops.MAX_DIM
+            and group <= 8
+            and first.head_dim <= 128
+            and ops.load().lmstack_prefill_f32_supported() == 1
         )
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
