@@ -48,7 +48,9 @@ SOURCES = [
         "prefill_f32.cpp",
     )
 ]
-HEADERS = [Path(__file__).parent / "csrc" / "groups.h"]  # included by SOURCES: hashed too
+HEADERS = [
+    Path(__file__).parent / "csrc" / name for name in ("groups.h", "exp2_poly.h")
+]  # included by SOURCES: hashed too
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # LMSTACK_CPU_ISA=avx2 (lmstack.cpu): the same sources built as for an AVX2-only CPU, so the
 # AVX-512 paths compile to their stubs and every caller takes its AVX2 path.

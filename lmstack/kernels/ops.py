@@ -263,15 +263,21 @@ def unpack_bf16(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.permute(0, 2, 1, 3).reshape(blocks * BF16_BLOCK, 2 * pairs)[:n]
 
 
-def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x [..., k] @ W^T -> [..., n] in bf16, W packed by `pack_bf16`."""
-    k = 2 * packed.shape[1]
-    if x.dtype != torch.bfloat16 or x.shape[-1] != k:
-        raise ValueError(f"linear_bf16 wants bf16 inputs of width {k}, got {x.dtype} {x.shape}")
+def _linear_rows(x: torch.Tensor, k: int, n: int, dtype: torch.dtype, what: str):
+    """(x as [rows, k] with unit column stride, the output [..., n]) for a linear kernel."""
+    if x.dtype != dtype or x.shape[-1] != k:
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        raise ValueError(f"{what} wants {name} inputs of width {k}, got {x.dtype} {x.shape}")
     rows = x.reshape(-1, k)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    out = x.new_empty(*x.shape[:-1], n)
+    return rows, x.new_empty(*x.shape[:-1], n)
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [..., k] @ W^T -> [..., n] in bf16, W packed by `pack_bf16`."""
+    k = 2 * packed.shape[1]
+    rows, out = _linear_rows(x, k, n, torch.bfloat16, "linear_bf16")
     if rows.shape[0] == 0:
         return out
     code = load().lmstack_linear_bf16(
@@ -372,12 +378,7 @@ def _tile_scales(raw: torch.Tensor) -> torch.Tensor:
 def linear_q(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """x [..., k] fp32 @ W^T -> [..., n] fp32, W in `pack_q4`/`pack_q8` tiles."""
     k = packed.shape[1] * Q_BLOCK
-    if x.dtype != torch.float32 or x.shape[-1] != k:
-        raise ValueError(f"linear_q wants fp32 inputs of width {k}, got {x.dtype} {x.shape}")
-    rows = x.reshape(-1, k)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
-    out = x.new_empty(*x.shape[:-1], n)
+    rows, out = _linear_rows(x, k, n, torch.float32, "linear_q")
     code = load().lmstack_linear_q(
         rows.data_ptr(),
         rows.shape[0],
