@@ -261,3 +261,24 @@ def test_steps_in_one_call_equal_the_per_layer_path():
     finally:
         del inner.__dict__["_stack"]
     assert fused == per_layer
+
+
+def test_late_chunks_of_long_prompts_leave_the_one_call_path():
+    # fp32 chunks starting 1,024 tokens or more into a sequence gather their blocks for torch's
+    # flash attention (faster there than the tiled kernel), so the step runs layer by layer.
+    from lmstack.engine.llm_engine import LLMEngine
+    from lmstack.engine.model_runner import FP32_TILED_MAX_START, PagedAttention, _Prefill
+
+    engine = LLMEngine(dtype="gguf", num_kv_tokens=4096)
+    table = torch.arange(80)
+    empty = torch.empty(0, dtype=torch.long)
+
+    def layout(start):
+        chunk = _Prefill(0, 4, table, start + 4)
+        return PagedAttention(engine.runner, empty, empty, None, None, [chunk]).paged_layout()
+
+    early = layout(FP32_TILED_MAX_START - 1)
+    assert early is not None and early[-1].tolist() == [
+        [0, 4, FP32_TILED_MAX_START - 1, table.data_ptr()]
+    ]
+    assert layout(FP32_TILED_MAX_START) is None

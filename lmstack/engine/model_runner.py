@@ -33,6 +33,10 @@ from lmstack.kernels import ops
 from lmstack.model.attention import sdpa
 from lmstack.model.llama import LlamaForCausalLM
 
+# fp32 prefill chunks that start this far into their sequence gather their blocks for
+# torch's flash attention instead of the tiled kernel (PagedAttention._tiled).
+FP32_TILED_MAX_START = 1024
+
 
 @dataclass
 class _Prefill:
@@ -82,7 +86,7 @@ class PagedAttention:
             out[self.decode_rows] = self._decode(q[self.decode_rows], pool)
         for p in self.prefills:
             rows = slice(p.start, p.start + p.length)
-            if self._kernel_mode(q, pool) == "fast":
+            if self._kernel_mode(q, pool) == "fast" and self._tiled(q, p):
                 start = p.context - p.length
                 out[rows] = ops.paged_prefill(q[rows], pool, p.block_table, start)
                 continue
@@ -99,6 +103,8 @@ class PagedAttention:
         pool = self.runner.kv_cache
         if not self.runner.use_kernel or pool.dtype != torch.float32 or not pool.is_contiguous():
             return None
+        if any(p.context - p.length >= FP32_TILED_MAX_START for p in self.prefills):
+            return None  # a late chunk of a long prompt: the per-layer path gathers it
         tables, lengths = self.decode_tables, self.decode_lengths
         if tables is None:
             tables = lengths = torch.zeros((0, 1), dtype=torch.long)
@@ -108,6 +114,13 @@ class PagedAttention:
         ]  # the tables stay alive with this context, for the duration of the call
         chunks = torch.tensor(chunks, dtype=torch.long).view(-1, 4)
         return pool, self.slots, self.decode_rows, tables, lengths, chunks
+
+    @staticmethod
+    def _tiled(q: torch.Tensor, chunk: _Prefill) -> bool:
+        # The fp32 tiled kernel (AVX2) beats gathering + torch's flash attention for chunks
+        # near the start of a sequence (512 tokens from 0: 1.15x, 130: 1.3x) but not late in
+        # a long one (160 tokens after 3,000: 0.75x; `lmstack bench kernels`, AMD EPYC).
+        return q.dtype != torch.float32 or chunk.context - chunk.length < FP32_TILED_MAX_START
 
     def _kernel_mode(self, q: torch.Tensor, pool: torch.Tensor) -> str:
         if not self._kernel:
