@@ -52,7 +52,10 @@ def _kernels(data: dict) -> list[str]:
 
 def _precision(data: dict) -> list[str]:
     lines = [
-        f"Perplexity on {data['tokens']} tokens of the NIST report, windows of {data['window']}.",
+        f"Perplexity on {data['tokens']} tokens of the NIST report, windows of {data['window']};"
+        " greedy agreement: the share of next-token choices equal to fp32's; decode tok/s:"
+        " one stream through the plain generation loop (not the engine, whose figures are"
+        " under `bench compare`).",
         "",
         "| dtype | weights GB | decode tok/s | perplexity | vs fp32 | greedy agreement |",
         "|---|---|---|---|---|---|",
