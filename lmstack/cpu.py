@@ -92,12 +92,12 @@ def isa_level() -> str:
 
 def choose_dtype(model: str | os.PathLike | None) -> tuple[str, str]:
     """(dtype, why) for `--dtype auto` on this machine and model."""
-    from lmstack.kernels import ops
+    from lmstack.kernels import qops
 
     level = isa_level()
     if native_bf16():
         return "bfloat16", f"{level}: the CPU multiplies bf16 natively"
-    if not ops.linear_q_supported():
+    if not qops.linear_q_supported():
         from lmstack import kernels
 
         return "float32", f"{level}: no native bf16, quantized kernel {kernels.status()}"

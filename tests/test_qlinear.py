@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lmstack import cpu, kernels
 from lmstack.errors import InputError
-from lmstack.kernels import ops
+from lmstack.kernels import qops
 from lmstack.model.cache import NoCache
 from lmstack.model.llama import fuse_hf_state_dict
 from lmstack.model.qlinear import (
@@ -29,7 +29,7 @@ from lmstack.model.qlinear import (
 from lmstack.model.weights import bundled_gguf_path, load_state_dict, resolve_model
 
 needs_kernel = pytest.mark.skipif(
-    not ops.linear_q_supported(), reason=f"no AVX2/FMA/F16C kernel ({kernels.status()})"
+    not qops.linear_q_supported(), reason=f"no AVX2/FMA/F16C kernel ({kernels.status()})"
 )
 
 
@@ -37,13 +37,13 @@ def _q4_weight(n, k, seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     q, d, m = quantize_q4_1(w)
     blocks = (q.view(n, -1, 32).float() * d.float()[..., None] + m.float()[..., None]).view(n, k)
-    return ops.pack_q4(q, d, m), blocks
+    return qops.pack_q4(q, d, m), blocks
 
 
 def _q8_weight(n, k, seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
     q, d = quantize_q8_0(w)
-    return ops.pack_q8(q, d), (q.view(n, -1, 32).float() * d.float()[..., None]).view(n, k)
+    return qops.pack_q8(q, d), (q.view(n, -1, 32).float() * d.float()[..., None]).view(n, k)
 
 
 def _int8_activations(x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,8 @@ def _int8_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_tiles_round_trip_exactly(bits):
     packed, weight = (_q4_weight if bits == 4 else _q8_weight)(100, 576)
-    assert packed.shape == (13, 18, ops.Q4_TILE if bits == 4 else ops.Q8_TILE)
-    assert torch.equal(ops.dequantize_tiles(packed, 100, bits), weight)
+    assert packed.shape == (13, 18, qops.Q4_TILE if bits == 4 else qops.Q8_TILE)
+    assert torch.equal(qops.dequantize_tiles(packed, 100, bits), weight)
 
 
 @needs_kernel
@@ -70,7 +70,7 @@ def test_kernel_computes_the_int8_activation_product(bits, rows, n, k):
     # cover full and partial 4-row tiles; n = 100 ends in a partial group of 8 columns.
     packed, weight = (_q4_weight if bits == 4 else _q8_weight)(n, k, seed=rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows))
-    out = ops.linear_q(x, packed, n, bits)
+    out = qops.linear_q(x, packed, n, bits)
     ref = _int8_activations(x).double() @ weight.double().T
     assert out.shape == (rows, n)
     assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max() + 1e-5
@@ -84,21 +84,23 @@ def test_kernel_takes_strided_rows_leading_dims_and_no_rows():
     packed, weight = _q4_weight(64, 64)
     wide = torch.randn(6, 200)
     x = wide[:, 10:74]
-    assert torch.equal(ops.linear_q(x, packed, 64, 4), ops.linear_q(x.contiguous(), packed, 64, 4))
+    assert torch.equal(
+        qops.linear_q(x, packed, 64, 4), qops.linear_q(x.contiguous(), packed, 64, 4)
+    )
     batch = torch.randn(2, 3, 64)
-    assert ops.linear_q(batch, packed, 64, 4).shape == (2, 3, 64)
-    assert ops.linear_q(torch.empty(0, 64), packed, 64, 4).shape == (0, 64)
+    assert qops.linear_q(batch, packed, 64, 4).shape == (2, 3, 64)
+    assert qops.linear_q(torch.empty(0, 64), packed, 64, 4).shape == (0, 64)
     with pytest.raises(ValueError, match="width 64"):
-        ops.linear_q(torch.randn(2, 32), packed, 64, 4)
+        qops.linear_q(torch.randn(2, 32), packed, 64, 4)
     with pytest.raises(ValueError, match="fp32"):
-        ops.linear_q(torch.randn(2, 64).bfloat16(), packed, 64, 4)
+        qops.linear_q(torch.randn(2, 64).bfloat16(), packed, 64, 4)
 
 
 def test_packers_refuse_widths_that_are_not_whole_blocks():
     with pytest.raises(InputError, match="multiple of 32 inputs, got 40"):
         quantize_q8_0(torch.randn(8, 40))
     with pytest.raises(ValueError, match="k % 32"):
-        ops.pack_q8(torch.zeros(8, 40, dtype=torch.int8), torch.zeros(8, 1).half())
+        qops.pack_q8(torch.zeros(8, 40, dtype=torch.int8), torch.zeros(8, 1).half())
 
 
 def test_quantizers_follow_the_formats():
@@ -181,7 +183,7 @@ def test_auto_dtype_follows_the_cpu():
     name, why = cpu.choose_dtype("bundled")
     if cpu.native_bf16():
         assert name == "bfloat16"
-    elif ops.linear_q_supported():
+    elif qops.linear_q_supported():
         assert name == "gguf"
     else:
         assert name == "float32"
@@ -224,7 +226,7 @@ def test_isa_switch_restricts_lmstack_torch_and_onednn():
 @needs_kernel
 def test_steps_in_one_call_equal_the_per_layer_path():
     # An engine step of a block-quantized model runs all 30 layers in one C call
-    # (ops.layer_stack): decode rows, prefill chunks, and steps that mix them (five prompts
+    # (qops.layer_stack): decode rows, prefill chunks, and steps that mix them (five prompts
     # of different lengths under a small token budget). It calls the same kernels in the
     # same order, so greedy tokens and log-probabilities equal the per-layer path's exactly.
     import random

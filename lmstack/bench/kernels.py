@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack import kernels
-from lmstack.kernels import ops
+from lmstack.kernels import ops, qops
 from lmstack.model.attention import sdpa
 from lmstack.model.packed import KernelLinear, PackedLinear, packing_supported
 from lmstack.model.qlinear import BITS, QuantLinear, pack_float
@@ -65,7 +65,7 @@ def bench_kernels(config, dtype: torch.dtype | str, rows=(1, 20, 256)) -> list[d
     `dtype` is a torch float type or a block format name (lmstack.model.qlinear.FORMATS)."""
     fmt = dtype if isinstance(dtype, str) else None
     if fmt is not None:
-        if not ops.linear_q_supported():
+        if not qops.linear_q_supported():
             raise RuntimeError(f"the quantized kernel is not available here ({kernels.status()})")
         dtype = torch.float32
     if not packing_supported(dtype):

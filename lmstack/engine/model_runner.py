@@ -96,7 +96,7 @@ class PagedAttention:
 
     def paged_layout(self):
         """Where this step's keys and values go and which each row attends to, for a model
-        that runs all its layers in one call (lmstack.kernels.ops.layer_stack): (the whole
+        that runs all its layers in one call (lmstack.kernels.qops.layer_stack): (the whole
         KV cache, slots, decode rows, their block tables and lengths, prefill chunks as
         (first row, tokens, first position, block table address) rows). None unless the
         cache is fp32 and kernels are on."""

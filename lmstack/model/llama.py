@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
-from lmstack.kernels import ops
+from lmstack.kernels import ops, qops
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
 
 log = logging.getLogger("lmstack.engine")
@@ -216,7 +216,7 @@ class LlamaModel(nn.Module):
             layout = layout() if args is not None and isinstance(rope, KernelRope) else None
             if layout is not None:
                 shape, eps = self._stack_shape, self.norm.eps
-                return ops.layer_stack(x, args, shape, eps, layout, *rope)
+                return qops.layer_stack(x, args, shape, eps, layout, *rope)
             return self._forward_fused(x, rope, cache)
         for layer in self.layers:
             x = layer(x, rope, cache)
@@ -224,7 +224,7 @@ class LlamaModel(nn.Module):
 
     def _stack_args(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Pointer tables of every layer's quantized linears and norm weights for
-        ops.layer_stack, or None where it does not apply (any layer not block-quantized,
+        qops.layer_stack, or None where it does not apply (any layer not block-quantized,
         not fp32, shapes the attention kernels cannot take: the tiled fp32 prefill takes up
         to 8 query heads per KV head and head size 128). Built once."""
         cached = self.__dict__.get("_stack")
@@ -237,7 +237,7 @@ class LlamaModel(nn.Module):
         group = first.num_heads // first.num_kv_heads
         ok = (
             self.norm.weight.dtype == torch.float32
-            and ops.linear_q_supported()
+            and qops.linear_q_supported()
             and first.num_heads % first.num_kv_heads == 0
             and group <= 8
             and first.head_dim <= 128

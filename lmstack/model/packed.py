@@ -39,7 +39,10 @@ def packing_supported(dtype: torch.dtype) -> bool:
     if dtype not in _PACKABLE or not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        # native_bf16 honours LMSTACK_CPU_ISA=avx2, under which oneDNN is limited to AVX2
+        from lmstack.cpu import native_bf16
+
+        return native_bf16() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return True
 
 

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
-from lmstack.kernels import ops
+from lmstack.kernels import ops, qops
 
 FORMATS = ("gguf", "q4_1", "q4_0", "q8_0")
 BITS = {"q4_1": 4, "q4_0": 4, "q8_0": 8}
-_BLOCK = ops.Q_BLOCK
+_BLOCK = qops.Q_BLOCK
 
 
 class QuantLinear(nn.Module):
@@ -49,12 +49,12 @@ class QuantLinear(nn.Module):
         self.source = source  # "gguf" (the file's own blocks) or "quantized" (at load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and ops.usable(x) and ops.linear_q_supported():
-            return ops.linear_q(x, self.packed, self.out_features, self.bits)
+        if x.dtype == torch.float32 and ops.usable(x) and qops.linear_q_supported():
+            return qops.linear_q(x, self.packed, self.out_features, self.bits)
         return F.linear(x, self.dequantized().to(x.dtype))
 
     def dequantized(self) -> torch.Tensor:
-        return ops.dequantize_tiles(self.packed, self.out_features, self.bits)
+        return qops.dequantize_tiles(self.packed, self.out_features, self.bits)
 
     def extra_repr(self) -> str:
         fmt = "Q4" if self.bits == 4 else "Q8"
@@ -106,8 +106,8 @@ def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def pack_float(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """A float weight quantized to `fmt` and packed into the kernel's tiles."""
     if fmt == "q8_0":
-        return ops.pack_q8(*quantize_q8_0(weight))
-    return ops.pack_q4(*(quantize_q4_1(weight) if fmt == "q4_1" else quantize_q4_0(weight)))
+        return qops.pack_q8(*quantize_q8_0(weight))
+    return qops.pack_q4(*(quantize_q4_1(weight) if fmt == "q4_1" else quantize_q4_0(weight)))
 
 
 _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
@@ -175,7 +175,7 @@ def _fused_from_file(blocks: GGUFBlocks, names: list[str], bits: int) -> torch.T
         return None
     parts = [blocks.rows(n) for n in names]
     joined = [torch.cat(column) for column in zip(*parts)]
-    return ops.pack_q4(*joined) if bits == 4 else ops.pack_q8(*joined)
+    return qops.pack_q4(*joined) if bits == 4 else qops.pack_q8(*joined)
 
 
 def _layer_sources(net, config) -> list[tuple[nn.Module, str, list[str]]]:
