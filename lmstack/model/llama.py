@@ -223,45 +223,18 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
     def _stack_args(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Pointer tables of every layer's quantized linears and norm weights for
-        qops.layer_stack, or None where it does not apply (any layer not block-quantized,
-        not fp32, shapes the attention kernels cannot take: the tiled fp32 prefill takes up
-        to 8 query heads per KV head and head size 128). Built once."""
+        """Pointer tables for qops.layer_stack (lmstack.model.qlinear.layer_stack_args), or
+        None where it does not apply. Built once."""
         cached = self.__dict__.get("_stack")
-        if cached is not None:
-            return cached or None
-        from lmstack.model.qlinear import QuantLinear
+        if cached is None:
+            from lmstack.model.qlinear import layer_stack_args
 
-        linears, norms = [], []
-        first = self.layers[0].self_attn
-        group = first.num_heads // first.num_kv_heads
-        ok = (
-            self.norm.weight.dtype == torch.float32
-            and qops.linear_q_supported()
-            and first.num_heads % first.num_kv_heads == 0
-            and group <= 8
-            and first.head_dim <= 128
-            and ops.load().lmstack_prefill_f32_supported() == 1
-        )
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                ok = ok and isinstance(lin, QuantLinear)
-                if ok:
-                    linears += [lin.packed.data_ptr(), lin.bits]
-            norms += [layer.input_layernorm.weight.data_ptr()]
-            norms += [layer.post_attention_layernorm.weight.data_ptr()]
-        norms.append(self.norm.weight.data_ptr())
-        if not ok:
-            self.__dict__["_stack"] = ()
-            return None
-        cfg = (first.num_heads, first.num_kv_heads, first.head_dim)
-        inter = self.layers[0].mlp.down_proj.in_features
-        hidden = self.norm.weight.numel()
-        self.__dict__["_stack_shape"] = (len(self.layers), hidden, *cfg, inter)
-        args = (torch.tensor(linears, dtype=torch.int64), torch.tensor(norms, dtype=torch.int64))
-        self.__dict__["_stack"] = args
-        return args
+            built = layer_stack_args(self)
+            cached = built[:2] if built else ()
+            if built:
+                self.__dict__["_stack_shape"] = built[2]
+            self.__dict__["_stack"] = cached
+        return cached or None
 
     def _forward_fused(self, x, rope, cache) -> torch.Tensor:
         """The layers of DecoderLayer.forward, with each residual add fused into the norm

@@ -223,3 +223,36 @@ def quantize_model(net, fmt: str, gguf_path: Path | None) -> dict[str, int]:
         setattr(parent, attr, QuantLinear(packed, n, bits, source))
         counts[source] += 1
     return counts
+
+
+def layer_stack_args(model) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
+    """(linears, norms, shape) for qops.layer_stack over a LlamaModel's layers: int64 tables of
+    every layer's packed weights with their format and of its norm weights, and (layers,
+    hidden, heads, kv_heads, head_dim, intermediate). None where the one-call path does not
+    apply: a layer not block-quantized, not fp32, or shapes the attention kernels cannot
+    take (the tiled fp32 prefill: up to 8 query heads per KV head, head size 128)."""
+    first = model.layers[0].self_attn
+    group = first.num_heads // first.num_kv_heads
+    if not (
+        model.norm.weight.dtype == torch.float32
+        and qops.linear_q_supported()
+        and first.num_heads % first.num_kv_heads == 0
+        and group <= 8
+        and first.head_dim <= 128
+        and ops.load().lmstack_prefill_f32_supported() == 1
+    ):
+        return None
+    linears, norms = [], []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if not isinstance(lin, QuantLinear):
+                return None
+            linears += [lin.packed.data_ptr(), lin.bits]
+        norms += [layer.input_layernorm.weight.data_ptr()]
+        norms += [layer.post_attention_layernorm.weight.data_ptr()]
+    norms.append(model.norm.weight.data_ptr())
+    inter = model.layers[0].mlp.down_proj.in_features
+    shape = (len(model.layers), model.norm.weight.numel(), first.num_heads, first.num_kv_heads)
+    shape += (first.head_dim, inter)
+    return torch.tensor(linears, dtype=torch.int64), torch.tensor(norms, dtype=torch.int64), shape
