@@ -101,7 +101,7 @@ def run_compare(
     finally:
         ladder.stop(proc)
     users = max(n for _, n in workloads.values())
-    port = ladder._free_port()
+    port = ladder.free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = llama_cpp_command(llama_server, gguf, port, users, max_len + SLOTS_MARGIN)
     proc = ladder.launch(cmd, url, "/health", "llama-server")

@@ -82,24 +82,24 @@ def bench_kernels(config, dtype: torch.dtype | str, rows=(1, 20, 256)) -> list[d
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(o, i, generator=gen).to(dtype) * 0.02 for o, i in shapes]
     packed = [PackedLinear(w) for w in weights]
-    if fmt is not None:  # the baseline is oneDNN's packed fp32; ours the quantized kernel
+    if fmt is None:  # plain F.linear vs oneDNN's packed weights
+        baseline = [lambda x, w=w: F.linear(x, w) for w in weights]
+        ours_layers = packed
+    else:  # oneDNN's packed fp32 vs the quantized kernel
+        baseline = packed
         ours_layers = [_quantized(w, fmt, i == len(weights) - 1) for i, w in enumerate(weights)]
-        weights = packed
-        packed = ours_layers
+    widths = [w.shape[1] for w in weights]
     results = []
     for m in rows:
         x = {i: torch.randn(m, i, generator=gen).to(dtype) for _, i in shapes}
 
         def plain(x=x):
-            for w in weights:
-                if isinstance(w, torch.Tensor):
-                    F.linear(x[w.shape[1]], w)
-                else:
-                    w(x[w.in_features])
+            for layer, width in zip(baseline, widths):
+                layer(x[width])
 
         def fast(x=x):
-            for p in packed:
-                p(x[p.in_features])
+            for layer, width in zip(ours_layers, widths):
+                layer(x[width])
 
         with torch.inference_mode():
             base, ours = _pair(plain, fast, repeats=max(2, 40 // m))

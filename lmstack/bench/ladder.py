@@ -69,7 +69,7 @@ QUALITY_PROMPTS = [
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -108,7 +108,7 @@ def launch(
 
 
 def lmstack_server(args: list[str], model: str, name: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port), "--model", model]
     url = f"http://127.0.0.1:{port}"
     return launch([*cmd, *args], url, "/ready", name), url
