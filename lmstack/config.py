@@ -23,9 +23,10 @@ def default_dtype() -> str:
     return os.environ.get("LMSTACK_DTYPE", "auto")
 
 
-def shared_data_dir() -> Path:
-    """Development data (../shared/data beside the checkout), or $LMSTACK_SHARED_DATA."""
-    env = os.environ.get("LMSTACK_SHARED_DATA")
+def data_dir() -> Path:
+    """The data lmstack ships for benchmarks, tests and training (lmstack/data, see its
+    README for sources and licences), or another folder of the same layout ($LMSTACK_DATA)."""
+    env = os.environ.get("LMSTACK_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(__file__).resolve().parent / "data"

@@ -17,7 +17,7 @@ from lmstack.align.ppo_math import adapt_beta, gae, pearson
 from lmstack.align.qc import cohen_kappa, qc_report
 from lmstack.align.ratings import AuthError, Comparison, NotFoundError, RatingStore
 from lmstack.align.reward import check_reward_dir, wilson_interval
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.errors import InputError, ModelLoadError
 
 HH_CHOSEN = (
@@ -28,7 +28,7 @@ HH_REJECTED = HH_CHOSEN.replace("Thanks, it ships tomorrow.", "ok")
 
 
 def test_shared_sharegpt_file_imports_all_300_pairs():
-    pairs, report = load_pairs(shared_data_dir() / "preferences" / "dpo_en_demo.json")
+    pairs, report = load_pairs(data_dir() / "preferences" / "dpo_en_demo.json")
     assert len(pairs) == 300 and report.kept == 300 and not report.skipped
     assert pairs[0].prompt[-1]["role"] == "user"
     assert pairs[0].chosen.startswith("That sounds like a fun")

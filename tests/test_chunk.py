@@ -6,18 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.docqa.chunk import chunk_pages
 from lmstack.errors import InputError
 
-NIST = shared_data_dir() / "nist-sp800-63-3"
+NIST = data_dir() / "nist-sp800-63-3"
 
 
 def within_limit(chunks, tok, limit):
     return all(len(tok.encode(c.text)) <= limit and c.tokens <= limit for c in chunks)
 
 
-@pytest.mark.skipif(not NIST.is_dir(), reason="shared/data is not beside this checkout")
 def test_nist_report_chunks_respect_limit_and_keep_headings(model):
     _, tok = model
     text = (NIST / "sec4_model.md").read_text()

@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import live_server, run_cli
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.docqa.answer import DONT_KNOW, Answerer, attach_citations, is_abstention
 from lmstack.docqa.assemble import assemble
 from lmstack.docqa.embed import Embedder
@@ -17,7 +17,7 @@ from lmstack.docqa.retrieve import Retriever
 from lmstack.docqa.store import DocStore
 from lmstack.errors import ContextLengthError, InputError
 
-NIST = shared_data_dir() / "nist-sp800-63-3"
+NIST = data_dir() / "nist-sp800-63-3"
 QUESTION = "What does AAL3 require beyond AAL2?"
 
 

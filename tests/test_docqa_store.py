@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import make_pdf, run_cli
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.docqa.embed import Embedder
 from lmstack.docqa.ingest import Ingestor
 from lmstack.docqa.records import Hit
@@ -17,8 +17,8 @@ from lmstack.docqa.retrieve import Retriever, fuse, relative_fuse
 from lmstack.docqa.store import DocStore
 from lmstack.errors import InputError
 
-NIST = shared_data_dir() / "nist-sp800-63-3"
-QUESTIONS = Path(__file__).parent / "data" / "nist_questions.jsonl"
+NIST = data_dir() / "nist-sp800-63-3"
+QUESTIONS = data_dir() / "nist_questions.jsonl"
 
 
 @pytest.fixture(scope="module")

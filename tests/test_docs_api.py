@@ -10,10 +10,10 @@ import httpx
 import pytest
 from helpers import live_server, make_pdf
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.server.app import create_app
 
-NIST = shared_data_dir() / "nist-sp800-63-3"
+NIST = data_dir() / "nist-sp800-63-3"
 UPLOAD_LIMIT = 100_000  # small, so the 413 test sends little
 QUESTION = "What does AAL3 require?"
 

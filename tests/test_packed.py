@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.kernels import ops
 from lmstack.model.attention import reference_attention, sdpa
 from lmstack.model.cache import NoCache
 from lmstack.model.packed import KernelLinear, PackedLinear, pack_linears, packing_supported
 
-DATA = shared_data_dir() / "nist-sp800-63-3"
+DATA = data_dir() / "nist-sp800-63-3"
 needs_bf16 = pytest.mark.skipif(
     not packing_supported(torch.bfloat16), reason="no oneDNN bf16 on this CPU"
 )

@@ -12,13 +12,13 @@ import httpx
 import pytest
 from helpers import chromium, live_server, wait_for
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.server.app import create_app
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-NIST = shared_data_dir() / "nist-sp800-63-3"
+NIST = data_dir() / "nist-sp800-63-3"
 LONG = 180_000  # ms: generation on a shared 2-core CPU
 
 

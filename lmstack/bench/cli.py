@@ -134,9 +134,9 @@ def precision_command(
     from pathlib import Path
 
     from lmstack.bench.precision import bench_precision
-    from lmstack.config import shared_data_dir
+    from lmstack.config import data_dir
 
-    path = Path(text) if text else shared_data_dir() / "nist-sp800-63-3"
+    path = Path(text) if text else data_dir() / "nist-sp800-63-3"
     result = bench_precision(path, max_tokens, window, [d.strip() for d in dtypes.split(",")])
     if as_json:
         from lmstack.bench.report import meta

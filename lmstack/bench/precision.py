@@ -2,8 +2,8 @@
 and greedy agreement (the share of greedy next-token choices, over the scored text, that
 match the fp32 dequantized model's).
 
-Perplexity is measured on real text (by default the NIST SP 800-63-3 report shipped in
-shared/data) in non-overlapping windows, so every dtype scores exactly the same tokens.
+Perplexity is measured on real text (by default the NIST SP 800-63-3 report in
+lmstack/data) in non-overlapping windows, so every dtype scores exactly the same tokens.
 """
 
 from __future__ import annotations

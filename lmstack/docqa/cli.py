@@ -296,7 +296,7 @@ def bench_command(
     model: str | None = typer.Option(None, "--model", help="Model whose tokenizer counts"),
 ) -> None:
     """Ingestion time of a report, and retrieval latency on a large store vs NumPy."""
-    from lmstack.config import shared_data_dir
+    from lmstack.config import data_dir
     from lmstack.docqa.bench import plot, run_bench
     from lmstack.model.tokenizer import Tokenizer
     from lmstack.model.weights import resolve_model
@@ -306,8 +306,8 @@ def bench_command(
             f"--chunks must be >= 10, --words >= 5, --repeats >= 1; "
             f"got {chunks}, {words}, {repeats}"
         )
-    folder = folder or shared_data_dir() / "nist-sp800-63-3"
-    default_questions = Path(__file__).resolve().parents[2] / "tests/data/nist_questions.jsonl"
+    folder = folder or data_dir() / "nist-sp800-63-3"
+    default_questions = data_dir() / "nist_questions.jsonl"
     questions = questions or default_questions
     console = _console()
     result = run_bench(

@@ -1,6 +1,6 @@
 """Labelled tickets: the Bitext sample mapped to triage labels, our own tickets, the split.
 
-Bitext (../shared/data/tickets, CDLA-Sharing-1.0) has 11 categories; they map to ours as its
+Bitext (lmstack/data/tickets, CDLA-Sharing-1.0) has 11 categories; they map to ours as its
 README suggests. It has no Technical class and no urgency: the Technical tickets in
 data/tickets.jsonl were written for this project (and carry hand-assigned urgency,
 entities and replies), and Bitext urgency is a documented *silver* label
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmstack.config import shared_data_dir
+from lmstack.config import data_dir
 from lmstack.errors import InputError
 from lmstack.triage.schema import split_sentences
 from lmstack.triage.validate import CRITICAL_CUES, HIGH_CUES
@@ -139,7 +139,7 @@ def silver_urgency(intent: str, text: str) -> str:
 
 
 def bitext_path() -> Path:
-    return shared_data_dir() / "tickets" / "bitext_customer_support_sample.csv"
+    return data_dir() / "tickets" / "bitext_customer_support_sample.csv"
 
 
 def load_bitext(path: Path | None = None) -> list[LabelledTicket]:
