@@ -16,10 +16,46 @@ DtypeOpt = typer.Option(
 )
 
 
-def _load(model: str | None, dtype: str | None):
-    from lmstack.model.llama import shared_model
+def _engine(model: str | None, dtype: str | None):
+    """One engine for this terminal session: the serving path's kernels, prefix cache and
+    sampler (a chat turn reuses the conversation's cached prefix)."""
+    from lmstack.engine.config import EngineConfig
+    from lmstack.engine.llm_engine import LLMEngine
 
-    return shared_model(model or default_model(), dtype or default_dtype())
+    return LLMEngine(EngineConfig(model=model or default_model(), dtype=dtype or default_dtype()))
+
+
+def _params(max_tokens: int, temperature: float, top_p: float, seed: int | None):
+    """Sampling parameters, validated before any model is loaded."""
+    from lmstack.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params.validate()
+    return params
+
+
+def _stream(engine, prompt_ids: list[int], params):
+    """Run one request to its end, writing its text as it comes; returns the last output."""
+    from lmstack.errors import InputError
+
+    request_id = engine.add_request(prompt_ids, params)
+    last = None
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+                if out.finished:
+                    last = out
+    except KeyboardInterrupt:
+        engine.abort(request_id)
+        engine.step_aborted_cleanup()
+        raise
+    if last is None or last.error:
+        raise InputError(last.error if last else "the request ended without an output")
+    return last
 
 
 def generate_command(
@@ -35,26 +71,23 @@ def generate_command(
     dtype: str | None = DtypeOpt,
 ) -> None:
     """Generate a continuation of PROMPT, streaming tokens to stdout."""
-    from lmstack.model.generate import GenerationStats, check_sampling, generate_stream
-
-    check_sampling(temperature, top_p, max_tokens)  # fail before loading the model
-    net, tok = _load(model, dtype)
+    params = _params(max_tokens, temperature, top_p, seed)  # fail before loading the model
+    engine = _engine(model, dtype)
+    tok = engine.tokenizer
     if chat:
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    ids = tok.encode(prompt)
-    result = GenerationStats()
-    decoder = tok.stream_decoder()
-    for token in generate_stream(net, tok, ids, max_tokens, temperature, top_p, seed, stats=result):
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
+    out = _stream(engine, tok.encode(prompt), params)
+    sys.stdout.write("\n")
     if stats:
+        n = len(out.token_ids)
+        decode_s = (out.finish_time or 0) - (out.first_token_time or 0)
+        rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
         typer.echo(
-            f"prompt {result.prompt_tokens} tokens, output {result.output_tokens} tokens, "
-            f"TTFT {result.ttft_s * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} "
-            f"tokens/s, finish {result.finish_reason}",
+            f"prompt {out.prompt_tokens} tokens, output {n} tokens, "
+            f"TTFT {(out.ttft or 0) * 1000:.0f} ms, decode {rate:.1f} tokens/s, "
+            f"finish {out.finish_reason}, dtype {engine.precision['dtype']}",
             err=True,
         )
 
@@ -70,14 +103,15 @@ def chat_command(
 ) -> None:
     """Chat with the model in the terminal (streams replies; /reset clears, /quit exits)."""
     from lmstack.errors import InputError
-    from lmstack.model.generate import check_sampling, generate_stream
 
-    check_sampling(temperature, top_p, max_tokens)
-    net, tok = _load(model, dtype)
-    window = net.config.max_position_embeddings
+    params = _params(max_tokens, temperature, top_p, seed)
+    engine = _engine(model, dtype)
+    tok = engine.tokenizer
+    window = engine.max_model_len
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
-    typer.echo(f"lmstack chat ({net.source.name}, {net.dtype}); /reset clears, /quit exits")
+    name = engine.model.source.name
+    typer.echo(f"lmstack chat ({name}, {engine.precision['dtype']}); /reset clears, /quit exits")
     while True:
         try:
             line = input("you> ")
@@ -99,14 +133,15 @@ def chat_command(
             del messages[len(base) : len(base) + 2]
             ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
         sys.stdout.write("assistant> ")
-        decoder = tok.stream_decoder()
         try:
-            for token in generate_stream(net, tok, ids, max_tokens, temperature, top_p, seed):
-                sys.stdout.write(decoder.push(token))
-                sys.stdout.flush()
+            out = _stream(engine, ids, params)
         except InputError as exc:
             typer.echo(f"\nerror: {exc}", err=True)
             messages.pop()
             continue
-        sys.stdout.write(decoder.flush() + "\n")
-        messages.append({"role": "assistant", "content": tok.decode(decoder.ids)})
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+            typer.echo()
+            messages.pop()
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": out.text})

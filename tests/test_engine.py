@@ -11,11 +11,11 @@ import jsonschema
 import pytest
 import torch
 
+from lmstack.bench.naive import generate_stream
 from lmstack.engine.llm_engine import LLMEngine
 from lmstack.engine.sampling_params import SamplingParams, StructuredOutput
 from lmstack.engine.scheduler import QueueFullError
 from lmstack.errors import InputError
-from lmstack.model.generate import generate_stream
 
 PROMPTS = [
     "The capital of France is",

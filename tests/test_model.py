@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmstack.bench.naive import GenerationStats, generate_stream
 from lmstack.model.cache import DenseKVCache, NoCache
-from lmstack.model.generate import GenerationStats, generate_stream
 from lmstack.model.llama import LlamaForCausalLM
 from lmstack.model.weights import bundled_gguf_path
 

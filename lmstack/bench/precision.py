@@ -51,7 +51,7 @@ def perplexity(model, token_ids: list[int], window: int) -> float:
 
 
 def decode_speed(model, tokenizer, tokens: int = 64) -> float:
-    from lmstack.model.generate import GenerationStats, generate_stream
+    from lmstack.bench.naive import GenerationStats, generate_stream
 
     prompt = tokenizer.encode("The history of cryptography begins")
     list(generate_stream(model, tokenizer, prompt, 4, ignore_eos=True))  # warm-up

@@ -1,7 +1,9 @@
 """Single-sequence generation with a contiguous KV cache: the simplest correct decoder.
 
-This is what `lmstack generate` and `lmstack chat` run, and the one-request-at-a-time path
-that the engine's continuous batching is measured against.
+A baseline, not a serving path: one request at a time, the model's plain forward pass, no
+paging, batching or fused kernels. Benchmarks measure the engine against it and tests use it
+as the reference the engine's greedy output must equal; `lmstack generate` and `chat` run
+through the engine.
 """
 
 from __future__ import annotations
