@@ -17,6 +17,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
+from lmstack.engine.config import EngineConfig
 from lmstack.engine.kv_cache import BlockManager
 from lmstack.engine.sequence import FinishReason, Sequence, SequenceStatus
 from lmstack.errors import InputError, LmstackError
@@ -32,10 +33,12 @@ class QueueFullError(LmstackError):
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048  # token budget per step (decode tokens count 1 each)
-    max_waiting: int = 256  # bound of the waiting queue
-    max_model_len: int = 8192
+    """The scheduler's share of EngineConfig, whose defaults it takes (one set of defaults)."""
+
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens  # decode tokens count 1
+    max_waiting: int = EngineConfig.max_waiting  # bound of the waiting queue
+    max_model_len: int = 8192  # the engine sets it from the model's window
 
 
 @dataclass
