@@ -123,9 +123,9 @@ def load_policy(policy: str | Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import model_dir
 
-    base = resolve_model(None if str(policy) == "bundled" else policy)
+    base = model_dir(None if str(policy) == "bundled" else policy)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     return model, tokenizer, base

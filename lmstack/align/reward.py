@@ -226,7 +226,7 @@ def train_reward(
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import model_dir
 
     config = config or RewardConfig()
     if not train_pairs or not val_pairs:
@@ -234,7 +234,7 @@ def train_reward(
     if config.epochs < 1:
         raise InputError(f"--epochs must be >= 1, got {config.epochs}")
     torch.manual_seed(config.seed)
-    base = resolve_model(base_model)
+    base = model_dir(base_model)
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(base)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -178,7 +178,7 @@ def fit_reward_head(
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import model_dir
 
     config = config or HeadConfig()
     if len(train_pairs) < config.folds or not val_pairs:
@@ -186,7 +186,7 @@ def fit_reward_head(
             f"need at least --folds={config.folds} training pairs and one validation pair, "
             f"got {len(train_pairs)} and {len(val_pairs)}"
         )
-    base = resolve_model(base_model)
+    base = model_dir(base_model)
     tokenizer = load_tokenizer(base)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=1, dtype=torch.float32

@@ -64,13 +64,10 @@ def add_command(
 
     from lmstack.docqa.embed import Embedder
     from lmstack.docqa.ingest import Ingestor
-    from lmstack.model.tokenizer import Tokenizer
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import tokenizer
 
     doc_store = _store(store)
-    ingestor = Ingestor(
-        doc_store, Embedder.shared(), Tokenizer(resolve_model(model)), chunk_tokens, overlap
-    )
+    ingestor = Ingestor(doc_store, Embedder.shared(), tokenizer(model), chunk_tokens, overlap)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=_console(stderr=True), transient=True) as bar:
         files = bar.add_task("files", total=None)
@@ -298,8 +295,7 @@ def bench_command(
     """Ingestion time of a report, and retrieval latency on a large store vs NumPy."""
     from lmstack.config import data_dir
     from lmstack.docqa.bench import plot, run_bench
-    from lmstack.model.tokenizer import Tokenizer
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import tokenizer
 
     if chunks < 10 or words < 5 or repeats < 1:
         raise InputError(
@@ -311,7 +307,7 @@ def bench_command(
     questions = questions or default_questions
     console = _console()
     result = run_bench(
-        folder, questions, Tokenizer(resolve_model(model)), chunks, words, repeats,
+        folder, questions, tokenizer(model), chunks, words, repeats,
         log=lambda m: console.print(m, markup=False),
     )  # fmt: skip
     from rich.table import Table

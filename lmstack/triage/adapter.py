@@ -34,9 +34,9 @@ def triage_model(adapter_dir: Path = SHIPPED_ADAPTER) -> Path | None:
     info = adapter_info(adapter_dir)
     if info is None:
         return None
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import model_dir
 
-    base = resolve_model(info.get("base", "bundled"))
+    base = model_dir(info.get("base", "bundled"))
     weights = adapter_dir / "adapter.safetensors"
     digest = hashlib.sha256()
     digest.update(weights.read_bytes())
@@ -64,13 +64,13 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from lmstack.model.weights import load_state_dict
+    from lmstack.models import state_dict
 
     info = adapter_info(adapter_dir)
     if info is None:
         raise ModelLoadError(f"{adapter_dir}: no adapter.json")
     scale = info["alpha"] / info["rank"]
-    state = load_state_dict(base_dir)
+    state = state_dict(base_dir)
     lora = load_file(str(Path(adapter_dir) / "adapter.safetensors"))
     merged = 0
     for name, a in lora.items():

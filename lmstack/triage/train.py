@@ -102,15 +102,15 @@ def train(out_dir: Path, config: TrainConfig, progress=None) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from lmstack.model.tokenizer import Tokenizer
-    from lmstack.model.weights import resolve_model
+    from lmstack.models import model_dir
+    from lmstack.models import tokenizer as load_tokenizer
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    base_dir = resolve_model("bundled")
-    tokenizer = Tokenizer(base_dir)
+    base_dir = model_dir("bundled")
+    tokenizer = load_tokenizer(base_dir)
     tickets = training_tickets(config)
     encoded = [encode(tokenizer, t) for t in tickets]
 
