@@ -1,5 +1,4 @@
-"""What this CPU can do, the development switch that restricts it, and the precision chosen
-for it.
+"""What this CPU can do, and the development switch that restricts it.
 
 `LMSTACK_CPU_ISA=avx2` makes an AVX-512 machine behave as an AVX2-only one, for testing the
 other CPU kind: lmstack's kernels are compiled without AVX-512 (lmstack.kernels), torch's
@@ -7,14 +6,7 @@ own kernels are limited to AVX2 (ATEN_CPU_CAPABILITY) and oneDNN's too
 (ONEDNN_MAX_CPU_ISA), and `--dtype auto` decides as it would on such a CPU. `apply_isa_env()`
 sets the two torch variables; `import lmstack` calls it, before anything imports torch.
 `LMSTACK_CPU_ISA=native` (the default) leaves everything as the CPU is.
-
-`--dtype auto` picks, for the bundled model on this machine:
-- bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 matrix
-  products run 3-9x faster than fp32, and lmstack's bf16 kernels apply;
-- elsewhere (AVX2 and FMA only: there torch's bf16 matmul runs under 1 GFLOPS) the GGUF's
-  own block-quantized weights (`gguf`: Q4_1 layers, Q8_0 LM head) through lmstack's integer
-  kernel, for a model that comes as a GGUF; `q8_0` for float checkpoints;
-- float32 where lmstack's kernels are unavailable (no compiler, LMSTACK_KERNELS=0).
+The precision `--dtype auto` picks from these features: lmstack.model.precision.
 """
 
 from __future__ import annotations
@@ -88,21 +80,3 @@ def isa_level() -> str:
     if {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "baseline"
-
-
-def choose_dtype(model: str | os.PathLike | None) -> tuple[str, str]:
-    """(dtype, why) for `--dtype auto` on this machine and model."""
-    from lmstack.kernels import qops
-
-    level = isa_level()
-    if native_bf16():
-        return "bfloat16", f"{level}: the CPU multiplies bf16 natively"
-    if not qops.linear_q_supported():
-        from lmstack import kernels
-
-        return "float32", f"{level}: no native bf16, quantized kernel {kernels.status()}"
-    from lmstack.model.weights import source_gguf
-
-    if source_gguf(model) is not None:
-        return "gguf", f"{level}: no native bf16; the GGUF's own blocks, integer kernel"
-    return "q8_0", f"{level}: no native bf16; float weights quantized to Q8_0, integer kernel"

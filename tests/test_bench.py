@@ -84,7 +84,7 @@ def test_bench_kernels_reports_both_sides(capsys, tmp_path):
     assert saved["kind"] == "kernels" and saved["meta"]["cpu"]
     rows = saved["rows"]
     from lmstack import kernels
-    from lmstack.cpu import choose_dtype
+    from lmstack.model.precision import choose_dtype
 
     dtype = choose_dtype("bundled")[0]  # what `--dtype auto` runs on this CPU
     expected = {"prefill attention (causal, GQA)"}

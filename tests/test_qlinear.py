@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lmstack import cpu, kernels
 from lmstack.errors import InputError
 from lmstack.kernels import qops
+from lmstack.model import precision
 from lmstack.model.cache import NoCache
 from lmstack.model.llama import fuse_hf_state_dict
 from lmstack.model.qlinear import (
@@ -180,7 +181,7 @@ def test_quantized_layer_falls_back_to_its_dequantized_weight():
 
 
 def test_auto_dtype_follows_the_cpu():
-    name, why = cpu.choose_dtype("bundled")
+    name, why = precision.choose_dtype("bundled")
     if cpu.native_bf16():
         assert name == "bfloat16"
     elif qops.linear_q_supported():
@@ -211,7 +212,8 @@ def test_isa_switch_restricts_lmstack_torch_and_onednn():
         "import os, lmstack, torch\n"
         "from lmstack import cpu\n"
         "from lmstack.kernels import ops\n"
-        "print(cpu.isa_level(), cpu.choose_dtype('bundled')[0], ops.linear_bf16_supported(),\n"
+        "from lmstack.model.precision import choose_dtype\n"
+        "print(cpu.isa_level(), choose_dtype('bundled')[0], ops.linear_bf16_supported(),\n"
         "      torch.backends.cpu.get_cpu_capability(), os.environ['ONEDNN_MAX_CPU_ISA'])\n"
     )
     result = _run(probe, LMSTACK_CPU_ISA="avx2")

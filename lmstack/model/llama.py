@@ -54,7 +54,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         ) from None
 
 
-# Every --dtype lmstack takes: "auto" (lmstack.cpu.choose_dtype), torch float types, int8
+# Every --dtype lmstack takes: "auto" (lmstack.model.precision), torch float types, int8
 # (weight-only, torch's kernel) and GGUF's block formats (lmstack.model.qlinear).
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16", "int8", "gguf", "q4_1", "q4_0", "q8_0")
 
@@ -65,7 +65,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, model=None) -> tuple[str, str
         return str(dtype).removeprefix("torch."), "given"
     name = (dtype or "auto").lower()
     if name == "auto":
-        from lmstack.cpu import choose_dtype
+        from lmstack.model.precision import choose_dtype
 
         return choose_dtype(model)
     if name not in DTYPE_NAMES and name not in DTYPES:
@@ -297,7 +297,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> LlamaForCausalLM:
         """Load the bundled model ("bundled"/None), a .gguf file or an HF directory.
 
-        dtype "auto" is chosen for this CPU (lmstack.cpu.choose_dtype). "int8" loads bf16
+        dtype "auto" is chosen for this CPU (lmstack.model.precision). "int8" loads bf16
         weights and quantizes the linear layers (lmstack.model.quant); "gguf", "q4_1",
         "q4_0" and "q8_0" put them in GGUF's block formats, from the file's own blocks where
         it has them (lmstack.model.qlinear). fp32 and bf16 linear layers are pre-packed for
