@@ -260,6 +260,7 @@ def train_ppo(
     rng = random.Random(config.seed)
     order: list[PromptItem] = []
     stopped = None
+    undone = False  # the update that crossed --kl-stop was rolled back
     final_check = None
     snapshot: dict | None = None  # trainable weights before the latest update
     seen: list[float] = []  # every training score so far, for the running scale
@@ -290,6 +291,7 @@ def train_ppo(
             stopped = f"mean KL {kl:.2f} > --kl-stop {config.kl_stop} after update {step - 1}"
             if snapshot is not None:
                 unwrapped.load_state_dict(snapshot, strict=False)
+                undone = True
                 stopped += "; that update was undone"
             log(f"hard KL stop: {stopped}")
             break
@@ -376,7 +378,8 @@ def train_ppo(
     clock.add("save", t)
     report.update(
         steps_run=len(history),
-        updates_kept=len(history) - (1 if stopped and "undone" in stopped else 0),
+        updates_kept=len(history) - undone,
+        update_undone=undone,
         stopped=stopped,
         final_check=final_check,
         beta_trajectory=[h["beta"] for h in history] + [round(beta, 5)],
