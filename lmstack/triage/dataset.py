@@ -145,7 +145,10 @@ def bitext_path() -> Path:
 def load_bitext(path: Path | None = None) -> list[LabelledTicket]:
     path = path or bitext_path()
     if not path.is_file():
-        raise InputError(f"Bitext data not found at {path} (set LMSTACK_SHARED_DATA)")
+        raise InputError(
+            f"Bitext data not found at {path} "
+            "(LMSTACK_DATA names a folder with tickets/bitext_customer_support_sample.csv)"
+        )
     tickets = []
     with path.open(encoding="utf-8", newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):
@@ -210,7 +213,20 @@ def _as_span(value: str, text: str) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-_PLACEHOLDER = re.compile(r"\{\{[^}]*\}\}")
+def _has_placeholder(text: str) -> bool:
+    """Whether `text` holds "{{...}}" with no "}" inside, as `\\{\\{[^}]*\\}\\}` finds it, in
+    one pass (the pattern rescans from every "{{": quadratic in "{{{{...")."""
+    start = text.find("{{")
+    while start >= 0:
+        close = text.find("}", start + 2)
+        if close < 0:
+            return False
+        if text.startswith("}}", close):
+            return True
+        start = text.find("{{", close + 1)
+    return False
+
+
 _CLEAN_SENTENCE = re.compile(r"^[^.!?\n\"\\]{8,200}[.!?]$")
 
 
@@ -240,11 +256,7 @@ def reply_from_bitext(response: str, key_issue: str) -> str:
         if not paragraph or paragraph[0].isdigit() or paragraph.startswith(("-", "*", "•")):
             continue
         for sentence in split_sentences(paragraph):
-            if (
-                _PLACEHOLDER.search(sentence)
-                or ":" in sentence
-                or sentence.startswith("I understand")
-            ):
+            if _has_placeholder(sentence) or ":" in sentence or sentence.startswith("I understand"):
                 continue
             if _CLEAN_SENTENCE.match(sentence) and sentence not in sentences:
                 sentences.append(sentence)
