@@ -350,3 +350,24 @@ def test_tiled_prefill_over_a_long_context(group):
         out = ops.paged_prefill(q, pool, tables[0], 1000)
     ref = _reference(q, pool, tables[0].view(1, -1).expand(160, -1), lengths)
     assert (out.float() - ref).abs().max().item() < 2**-7 * ref.abs().max().item()
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    # A library linked with -ffast-math turns on flush-to-zero for the whole process when
+    # it loads: every float in torch, numpy and Python would then lose its subnormals.
+    import subprocess
+    import sys
+
+    probe = (
+        "import torch\n"
+        "from lmstack import kernels\n"
+        "from lmstack.kernels import ops\n"
+        "assert kernels.load() is not None, kernels.status()\n"
+        "x = torch.tensor([1e-40])\n"
+        "with torch.no_grad():\n"
+        "    ops.rms_norm(torch.ones(1, 64), torch.ones(64), 1e-5)\n"
+        "print(5e-324 * 1.0 > 0, float((x * 1.0)[0]) > 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,7 +52,11 @@ SOURCES = [
 HEADERS = [
     Path(__file__).parent / "csrc" / name for name in ("groups.h", "exp2_poly.h")
 ]  # included by SOURCES: hashed too
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+# Linked without -ffast-math: with it g++ adds crtfastmath.o, whose constructor turns on
+# flush-to-zero and denormals-are-zero for the whole process when the library loads, and
+# every float in torch, numpy and Python then loses its subnormals.
+LINK_FLAGS = ["-shared", "-fopenmp"]
 # LMSTACK_CPU_ISA=avx2 (lmstack.cpu): the same sources built as for an AVX2-only CPU, so the
 # AVX-512 paths compile to their stubs and every caller takes its AVX2 path.
 AVX2_FLAGS = ["-mno-avx512f"]
@@ -84,7 +89,7 @@ def _build(compiler: str) -> Path:
     ).stdout.splitlines()[0]
     key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
     flags = build_flags()
-    for part in (" ".join(flags), version, _cpu_signature()):
+    for part in (" ".join(flags + LINK_FLAGS), version, _cpu_signature()):
         key.update(part.encode())
     target = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -93,17 +98,23 @@ def _build(compiler: str) -> Path:
     # Build beside the target and rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    objects = Path(tempfile.mkdtemp(prefix="build-", dir=target.parent))
     try:
-        result = subprocess.run(
-            [compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        compile_ = [compiler, *flags, "-c", *map(str, SOURCES)]  # one .o per source, in cwd
+        _run(compiler, compile_, objects)
+        _run(compiler, [compiler, *LINK_FLAGS, *sorted(map(str, objects.glob("*.o"))), "-o", tmp])
         os.replace(tmp, target)
     finally:
+        shutil.rmtree(objects, ignore_errors=True)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _run(compiler: str, command: list[str], cwd: Path | None = None) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    if result.returncode != 0:
+        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
