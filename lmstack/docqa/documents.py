@@ -7,6 +7,7 @@ corpus skips malformed lines and reports their numbers instead of failing the ba
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
@@ -72,6 +73,10 @@ def read_pdf(path: Path) -> Document:
     return Document(path.name, str(title or path.stem), pages, str(path))
 
 
+_SECTION_NAME = re.compile(r"([a-zA-Z][-_.a-zA-Z0-9]*)\s*")  # _markupbase's name token
+_SECTION_KEYWORDS = {"temp", "cdata", "ignore", "include", "rcdata", "if", "else", "endif"}
+
+
 class _HTMLText(HTMLParser):
     """Visible text of an HTML page; headings become Markdown headings for the chunker."""
 
@@ -109,6 +114,19 @@ class _HTMLText(HTMLParser):
         elif not self.skipping:
             self.parts.append(data)
 
+    def parse_marked_section(self, i, report=1):
+        # "<![" without a known keyword after it ("<![<![", "<![x["): the standard library
+        # raises AssertionError (slowly: it formats the text into the message); skip the
+        # three characters as markup and read on.
+        name = _SECTION_NAME.match(self.rawdata, i + 3)
+        complete = name is not None and name.end() < len(self.rawdata)
+        if name is None or complete and name.group(1).lower() not in _SECTION_KEYWORDS:
+            return i + 3
+        try:
+            return super().parse_marked_section(i, report)
+        except AssertionError:
+            return i + 3
+
 
 def read_html(path: Path) -> Document:
     parser = _HTMLText()
@@ -121,12 +139,52 @@ def read_html(path: Path) -> Document:
     return Document(path.name, parser.title.strip() or path.stem, [(None, text)], str(path))
 
 
-# Markup in Markdown that carries no text: anchors, layout divs, comments.
-_EMPTY_HTML = re.compile(r"<(a|div|span)\b[^>]*>\s*</\1>|<!--.*?-->|<br\s*/?>", re.S | re.I)
+# Markup in Markdown that carries no text: empty anchors, layout divs and spans, comments,
+# line breaks. What `<(a|div|span)\b[^>]*>\s*</\1>|<!--.*?-->|<br\s*/?>` (re.S | re.I)
+# removes, found by a scanner instead: the pattern rescans to the end of the text from
+# every unterminated "<!--" or "<a", quadratic in a file of repeated openers.
+_OPENER = re.compile(r"<(?:(a|div|span)(?!\w)|!--|br)", re.I)
+_SPACE = re.compile(r"\s*")
 
 
 def clean_markdown(text: str) -> str:
-    return html.unescape(_EMPTY_HTML.sub("", text))
+    return html.unescape(_strip_empty_markup(text))
+
+
+def _strip_empty_markup(text: str) -> str:
+    kept: list[str] = []
+    pos = search_from = 0  # text[:pos] is decided; openers are looked for from search_from
+    comments = True  # False once a "<!--" has no "-->" after it: no later one has either
+    tag = (0, -2, 0)  # (from, first ">" at or after from or -1, end of the spaces after it)
+    while (opener := _OPENER.search(text, search_from)) is not None:
+        start, end = opener.span()
+        removed_to = -1
+        if opener.group(1) is not None:  # <a, <div, <span: attributes, ">", spaces, closer
+            if not (tag[0] <= end and (tag[1] == -1 or tag[1] >= end)):
+                gt = text.find(">", end)  # openers before this ">" reuse it: one scan in all
+                tag = (end, gt, _SPACE.match(text, gt + 1).end() if gt >= 0 else -1)
+            closer = _closer(opener.group(1)).match(text, tag[2]) if tag[1] >= 0 else None
+            removed_to = closer.end() if closer else -1
+        elif opener.group(0) == "<!--":
+            close = text.find("-->", end) if comments else -1
+            comments = close >= 0
+            removed_to = close + 3 if comments else -1
+        else:  # <br, optional spaces, optional "/", ">"
+            after = _SPACE.match(text, end).end()
+            after += text.startswith("/", after)
+            removed_to = after + 1 if text.startswith(">", after) else -1
+        if removed_to < 0:
+            search_from = start + 1
+            continue
+        kept.append(text[pos:start])
+        pos = search_from = removed_to
+    kept.append(text[pos:])
+    return "".join(kept)
+
+
+@functools.cache
+def _closer(name: str) -> re.Pattern:
+    return re.compile(f"</{re.escape(name)}>", re.I)
 
 
 def read_text(path: Path) -> Document:

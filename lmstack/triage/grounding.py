@@ -22,11 +22,21 @@ from __future__ import annotations
 
 import re
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# A whole string that is an e-mail address (validate.py). Unambiguous, so `fullmatch` is
+# linear; to find addresses in a text use `email_spans` (searching with a pattern rescans
+# from every start: quadratic in "a@a-a-a-..." or a long run of letters).
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}")
+_LOCAL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")  # labels: no backtracking needed
+_LEADING_LETTERS = re.compile(r"[A-Za-z]*")
 ID_TOKEN = re.compile(r"#?([A-Za-z0-9][A-Za-z0-9_/-]*[A-Za-z0-9]|[0-9])")
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9+&'-]*")
+_SENTENCE_BREAK = re.compile(r"[.!?;:,()\n\"]+")
 MAX_PRODUCT_CANDIDATES = 400
 MAX_ID_CANDIDATES = 60
+# Whole-text substring searches a ticket may cost beyond the one-pass checks (each is
+# linear): enough for every real ticket, bounded for a hostile 200,000-character one.
+_SEARCH_BUDGET = 200
 
 STOP_WORDS = frozenset(
     [
@@ -161,38 +171,118 @@ STOP_WORDS = frozenset(
 )
 
 
+def email_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each e-mail address, as `finditer` of the classic pattern
+    `[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}` finds them, in one
+    pass: per "@", the local part is the run of local characters before it (not reaching
+    back into the previous address), the domain the dot-separated labels after it up to the
+    last label that starts with two letters (those letters are the top-level domain)."""
+    spans: list[tuple[int, int]] = []
+    pos = 0  # end of the previous address
+    at = text.find("@")
+    while at >= 0:
+        start = at
+        while start > pos and text[start - 1] in _LOCAL_CHARS:
+            start -= 1
+        domain = _DOMAIN.match(text, at + 1) if start < at else None
+        if domain is not None and "." in domain.group(0):
+            label_starts = [at + 1]
+            for label in domain.group(0).split(".")[:-1]:
+                label_starts.append(label_starts[-1] + len(label) + 1)
+            for label_start in reversed(label_starts[1:]):
+                letters_end = _LEADING_LETTERS.match(text, label_start).end()
+                if letters_end - label_start >= 2:
+                    spans.append((start, letters_end))
+                    pos = letters_end
+                    break
+        at = text.find("@", max(at + 1, pos))
+    return spans
+
+
 def email_candidates(text: str) -> list[str]:
-    return _unique(m.group(0).rstrip(".") for m in EMAIL.finditer(text))
+    return _unique(text[start:end] for start, end in email_spans(text))
 
 
-def id_candidates(text: str) -> list[str]:
-    """Tokens that look like identifiers: a digit somewhere, 4+ characters, not an e-mail."""
-    emails = email_candidates(text)
-    found = []
+def id_candidates(text: str, emails: list[tuple[int, int]] | None = None) -> list[str]:
+    """Tokens that look like identifiers: a digit somewhere, 4+ characters, not the part of
+    an e-mail address before its "@" (`emails`: email_spans(text), when already known)."""
+    emails = email_spans(text) if emails is None else emails
+    email_start_at = {text.index("@", start): start for start, _ in emails}
+    joined = "\n".join(text[start:end] for start, end in emails)
+    searches = _SEARCH_BUDGET
+    found: dict[str, None] = {}
     for m in ID_TOKEN.finditer(text):
         token = m.group(1)
         if len(token) < 4 or not any(c.isdigit() for c in token):
             continue
-        if any(token in e for e in emails) and "@" in text[m.start() : m.end() + 1]:
-            continue
-        found.append(token)
-    return _unique(found)[:MAX_ID_CANDIDATES]
+        if text.startswith("@", m.end()):
+            if email_start_at.get(m.end(), m.end()) <= m.start(1):
+                continue  # the local part of this address
+            searches -= 1  # before an "@" that starts no address: part of another one?
+            if searches >= 0 and token in joined:
+                continue
+        found[token] = None
+        if len(found) == MAX_ID_CANDIDATES:
+            break
+    return list(found)
 
 
 def product_candidates(text: str) -> list[str]:
-    """Word n-grams (1-4) inside one sentence that do not start or end with a stop word."""
-    found = []
-    for sentence in re.split(r"[.!?;:,()\n\"]+", text):
-        words = WORD.findall(sentence)
+    """Word n-grams (1-4) inside one sentence that do not start or end with a stop word and
+    occur verbatim (single spaces between the words) somewhere in the ticket."""
+    # Sentences end at any of .!?;:,()\n" between two words (WORD contains none of them).
+    sentences: list[tuple[list[str], list[bool]]] = []
+    verbatim: set[str] = set()  # n-grams written with single spaces, built in one pass
+    words: list[str] = []
+    stop: list[bool] = []
+    spaced: list[bool] = []  # spaced[k]: a single space between words[k - 1] and words[k]
+    previous_end = 0
+    for match in WORD.finditer(text):
+        gap = text[previous_end : match.start()]
+        previous_end = match.end()
+        if gap != " " and _SENTENCE_BREAK.search(gap):
+            sentences.append((words, stop))
+            _add_verbatim(verbatim, words, stop, spaced)
+            words, stop, spaced = [], [], []
+        word = match.group(0)
+        words.append(word)
+        stop.append(word.lower() in STOP_WORDS)
+        spaced.append(gap == " ")
+    sentences.append((words, stop))
+    _add_verbatim(verbatim, words, stop, spaced)
+    found: dict[str, None] = {}
+    searches = _SEARCH_BUDGET
+    for words, stop in sentences:
+        if all(stop):
+            continue
         for n in (2, 3, 1, 4):  # two-word names first: they are the commonest product names
             for i in range(len(words) - n + 1):
-                gram = words[i : i + n]
-                if gram[0].lower() in STOP_WORDS or gram[-1].lower() in STOP_WORDS:
+                if stop[i] or stop[i + n - 1]:
                     continue
-                phrase = " ".join(gram)
-                if phrase in text:  # verbatim: single spaces between the words
-                    found.append(phrase)
-    return _unique(found)[:MAX_PRODUCT_CANDIDATES]
+                phrase = " ".join(words[i : i + n])
+                if phrase not in verbatim and searches > 0:  # inside longer words, maybe
+                    searches -= 1
+                    if phrase in text:
+                        verbatim.add(phrase)
+                if phrase in verbatim:
+                    found[phrase] = None
+                    if len(found) == MAX_PRODUCT_CANDIDATES:
+                        return list(found)
+    return list(found)
+
+
+def _add_verbatim(verbatim: set[str], words: list[str], stop: list[bool], spaced: list[bool]):
+    for i in range(len(words)):
+        if stop[i]:
+            continue
+        phrase = words[i]
+        verbatim.add(phrase)
+        for j in range(i + 1, min(i + 4, len(words))):
+            if not spaced[j]:
+                break
+            phrase += " " + words[j]
+            if not stop[j]:
+                verbatim.add(phrase)
 
 
 ORDER_CONTEXT = re.compile(
@@ -209,10 +299,10 @@ ORDER_PREFIX = re.compile(r"^(ORD|ORDER|PO|SO)\b", re.IGNORECASE)
 CUSTOMER_PREFIX = re.compile(r"^(CUS|CUST|CUSTOMER|CID|C|ACC|USR|U)-", re.IGNORECASE)
 
 
-def typed_ids(text: str) -> dict[str, list[str]]:
+def typed_ids(text: str, emails: list[tuple[int, int]] | None = None) -> dict[str, list[str]]:
     """IDs split into 'order', 'customer' and 'other' by their prefix or the words before."""
     typed: dict[str, list[str]] = {"order": [], "customer": [], "other": []}
-    for token in id_candidates(text):
+    for token in id_candidates(text, emails):
         start = text.find(token)
         before = text[max(0, start - 30) : start].rstrip("#: ")
         if ORDER_PREFIX.match(token) or ORDER_CONTEXT.search(before):
@@ -226,8 +316,9 @@ def typed_ids(text: str) -> dict[str, list[str]]:
 
 def candidates(text: str) -> dict[str, list[str]]:
     """Allowed non-null values per entity field for a ticket."""
-    ids = typed_ids(text)
-    emails = email_candidates(text)
+    spans = email_spans(text)
+    ids = typed_ids(text, spans)
+    emails = _unique(text[start:end] for start, end in spans)
     required = [
         name
         for name, present in (

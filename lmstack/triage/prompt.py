@@ -4,7 +4,9 @@ The ticket goes inside <ticket>...</ticket> in the last user turn. Anything in i
 pass for structure is defused first (see `defuse`): chat-template role tags lose their
 special-token spelling and our own delimiters are rewritten, so a ticket cannot close its
 own block or open a system turn. What remains, "ignore previous instructions" included, is
-text the rules tell the model to classify, not to obey.
+text the rules tell the model to classify, not to obey. Beyond that, the in-process engine
+encodes every message's content as plain text (`Tokenizer.encode_chat`), so no spelling of
+any of the model's control tokens can become one; `injection_warning` records the attempt.
 """
 
 from __future__ import annotations
@@ -43,13 +45,29 @@ specific to the ticket, written in the ticket's language.\
 TRUNCATION_MARK = "\n[... {n} characters omitted ...]\n"
 # Spellings that a chat template or our wrapper would read as structure.
 _ROLE_TAG = re.compile(r"<\|([a-zA-Z_]+)\|>")
-_DELIMITER = re.compile(r"<\s*(/?)\s*ticket\s*>", re.IGNORECASE)
+# "<", optional "/", "ticket", ">", spaces allowed between. Not `<\s*(/?)\s*ticket`: two
+# space runs with an optional "/" between split a run of spaces in quadratically many ways.
+_DELIMITER = re.compile(r"<\s*(?:(/)\s*)?ticket\s*>", re.IGNORECASE)
 
 
 def defuse(text: str) -> str:
     """The ticket text with role tags and <ticket> delimiters made inert (still readable)."""
     text = _ROLE_TAG.sub(r"<\1>", text)
     return _DELIMITER.sub(r"[\1ticket]", text)
+
+
+def injection_warning(ticket_text: str, markup: list[str]) -> str | None:
+    """A warning when the ticket spells chat structure: `markup` (the model's control tokens
+    and role tags found in it, llm.chat_markup) plus our own <ticket> delimiters. All of it
+    reaches the model as plain ticket text; the warning records the attempt."""
+    found = dict.fromkeys(markup)
+    found.update(dict.fromkeys(m.group(0) for m in _DELIMITER.finditer(ticket_text)))
+    if not found:
+        return None
+    return (
+        f"possible prompt injection: the ticket contains chat markup ({', '.join(found)}); "
+        "it was given to the model as ticket text"
+    )
 
 
 @dataclass
