@@ -15,6 +15,8 @@ Apps never import `lmstack.engine` or `lmstack.server`; they only see this modul
 Token counting (for budgets) uses the serving model's tokenizer in-process; against a URL it
 uses the bundled tokenizer unless `tokenizer_model` names the server's model directory, so
 budgets against a different remote model are estimates and say so (`exact_tokens`).
+In-process, prompts reach the engine as ids from `Tokenizer.encode_chat`: message contents
+are plain text there, so no document or ticket can spell a control token into a prompt.
 """
 
 from __future__ import annotations
@@ -78,6 +80,14 @@ class Generator(Protocol):
     def stream(self, request: ChatRequest) -> Iterator[str]: ...
 
 
+def chat_markup(generator: Generator, text: str) -> list[str]:
+    """Chat-structure spellings in untrusted `text` (the model's added tokens, <|role|> tags).
+    The in-process engine encodes them as plain text; callers report them as warnings."""
+    from lmstack.model.tokenizer import markup_in
+
+    return markup_in(text, getattr(getattr(generator, "tokenizer", None), "control_strings", ()))
+
+
 def make_generator(
     llm_url: str | None = None,
     model: str | None = None,
@@ -130,10 +140,10 @@ class EngineGenerator:
         return cls(AsyncLLMEngine(config))
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+        return len(self.tokenizer.encode_plain(text))  # as message content is encoded
 
     def prompt_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.encode(self.tokenizer.apply_chat_template(messages)))
+        return len(self.tokenizer.encode_chat(messages))
 
     def _params(self, request: ChatRequest):
         from lmstack.engine.sampling_params import SamplingParams, StructuredOutput
@@ -153,7 +163,8 @@ class EngineGenerator:
         )
 
     async def _run(self, request: ChatRequest, deltas: queue.Queue | None = None) -> Completion:
-        prompt = self.tokenizer.apply_chat_template(request.messages)
+        # Token ids, not text: message contents cannot become control tokens (encode_chat).
+        prompt = self.tokenizer.encode_chat(request.messages)
         params = self._params(request)
         start = time.monotonic()
         last = None
@@ -281,10 +292,10 @@ class OpenAIGenerator:
         return models[0] if models else {}
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+        return len(self.tokenizer.encode_plain(text))  # as message content is encoded
 
     def prompt_tokens(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.encode(self.tokenizer.apply_chat_template(messages)))
+        return len(self.tokenizer.encode_chat(messages))
 
     def _body(self, request: ChatRequest, stream: bool) -> dict:
         body = {

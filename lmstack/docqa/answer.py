@@ -21,7 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmstack.docqa.assemble import SYSTEM_PROMPT, Budget, assemble, source_label
+from lmstack.docqa.assemble import (
+    SYSTEM_PROMPT,
+    Budget,
+    assemble,
+    injection_warnings,
+    source_label,
+)
 from lmstack.docqa.records import Hit
 from lmstack.docqa.retrieve import Retriever
 from lmstack.errors import InputError, LmstackError
@@ -72,6 +78,7 @@ class Answer:
     calls: int = 0
     seconds: float = 0.0
     sources: list[Hit] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a source that spells <|im_start|>
 
     def as_json(self) -> dict:
         return {
@@ -83,6 +90,7 @@ class Answer:
             "abstained": self.abstained,
             "calls": self.calls,
             "seconds": round(self.seconds, 3),
+            "warnings": self.warnings,
         }
 
 
@@ -224,7 +232,8 @@ class Answerer:
             if on_text:
                 on_text(DONT_KNOW)
             return Answer(question, DONT_KNOW, [], strategy, budget, True, 0,
-                          time.perf_counter() - start)  # fmt: skip
+                          time.perf_counter() - start,
+                          warnings=injection_warnings(self.generator, question, []))  # fmt: skip
         run = {
             "rag": self._rag,
             "map-reduce": self._map_reduce,
@@ -232,10 +241,12 @@ class Answerer:
             "sliding": self._sliding,
         }[strategy]
         text, sources, budget = run(question, hits, on_text, doc_id)
+        warnings = injection_warnings(self.generator, question, sources)
         abstained = is_abstention(text)
         if abstained:
             return Answer(question, text.strip() or DONT_KNOW, [], strategy, budget, True,
-                          self.calls, time.perf_counter() - start)  # fmt: skip
+                          self.calls, time.perf_counter() - start,
+                          warnings=warnings)  # fmt: skip
         text, numbers = attach_citations(text, sources)
         citations = [
             Citation(
@@ -250,7 +261,7 @@ class Answerer:
             for n in sorted(numbers)
         ]
         return Answer(question, text, citations, strategy, budget, False, self.calls,
-                      time.perf_counter() - start, sources)  # fmt: skip
+                      time.perf_counter() - start, sources, warnings)  # fmt: skip
 
     def _rag(self, question, hits, on_text, doc_id):
         if doc_id is not None:

@@ -3,7 +3,9 @@
 Sources are taken in rank order while they fit; one that does not fit is skipped for a
 smaller one further down. The final prompt is re-counted with the chat template applied,
 exactly as it will be sent, and sources are dropped from the end until it fits, so the
-window can never be exceeded whatever the tokenizer does at the joins.
+window can never be exceeded whatever the tokenizer does at the joins. Sources are data:
+the in-process engine encodes them as plain text (no document can open a system turn), and
+`injection_warnings` names the sources that tried.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from lmstack.docqa.records import Hit
 from lmstack.errors import ContextLengthError, InputError
+from lmstack.llm import chat_markup
 
 SYSTEM_PROMPT = (
     "You answer questions about documents using only the numbered sources given. "
@@ -159,3 +162,25 @@ def assemble(
         exact=exact,
     )
     return Context(messages, chosen, budget, skipped)
+
+
+def injection_warnings(generator, question: str, sources: list[Hit], first: int = 1) -> list[str]:
+    """One warning per source (and for the question) that spells chat structure: the
+    model's control tokens or <|role|> tags (llm.chat_markup). The in-process engine
+    encodes them as plain text; the warning records the attempt."""
+    warnings = []
+    for n, hit in enumerate(sources, first):
+        found = chat_markup(generator, hit.text)
+        if found:
+            warnings.append(
+                f"possible prompt injection: source {source_label(n, hit)} contains chat "
+                f"markup ({', '.join(found)}); it was given to the model as document text"
+            )
+    found = chat_markup(generator, question)
+    if found:
+        warnings.insert(
+            0,
+            f"possible prompt injection: the question contains chat markup "
+            f"({', '.join(found)}); it was given to the model as text",
+        )
+    return warnings

@@ -262,6 +262,8 @@ def ask_command(
         return
     console = _console()
     console.print()
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if result.answer.strip() != "".join(streamed).strip():
         # Citation checking changed the markers (dropped invalid ones or attributed).
         console.print("\n[bold]With checked citations:[/]")

@@ -1,8 +1,18 @@
-"""Fast tokenizer (HF `tokenizers`) with the model's own chat template and EOS handling."""
+"""Fast tokenizer (HF `tokenizers`) with the model's own chat template and EOS handling.
+
+Untrusted text (documents, tickets, chat messages) must never turn into chat structure: HF
+tokenizers match added tokens ("<|im_start|>", "<|im_end|>", ...) anywhere in the input, so
+`encode` of a rendered prompt lets a document open a system turn. `encode_plain` encodes
+text with every added token spelled out as ordinary text, and `encode_chat` renders a chat
+with the template and encodes it so that only the template's own markup yields control
+tokens; message contents go through `encode_plain`. On text without such spellings both
+give exactly the ids `encode` gives.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from lmstack.errors import InputError, ModelLoadError
@@ -56,9 +66,26 @@ class Tokenizer:
             if tid is not None:
                 stops.add(tid)
         self.stop_token_ids: frozenset[int] = frozenset(stops)
-        self.special_token_ids = frozenset(
-            tid for tid, tok in self._tok.get_added_tokens_decoder().items() if tok.special
+        added = self._tok.get_added_tokens_decoder()
+        self.special_token_ids = frozenset(tid for tid, tok in added.items() if tok.special)
+        # Every added token, special or not, is structure that text must never produce.
+        self.control_token_ids: frozenset[int] = frozenset(added)
+        self.control_strings: tuple[str, ...] = tuple(
+            sorted({tok.content for tok in added.values()}, key=lambda c: (-len(c), c))
         )
+        self._plain_tok = None  # built on first use: see _plain
+
+    @property
+    def _plain(self):
+        """A second tokenizer that reads special-token spellings as text (non-special added
+        tokens still match there; encode_plain spells those out itself)."""
+        if self._plain_tok is None:
+            from tokenizers import Tokenizer as _Fast
+
+            plain = _Fast.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tok = plain  # two threads may both build one: either is right
+        return self._plain_tok
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +93,55 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` as ordinary text: no id in `control_token_ids` can come out, whatever
+        the text spells ("<|im_start|>system" is encoded as its characters)."""
+        encoding = self._plain.encode(text, add_special_tokens=False)
+        ids = encoding.ids
+        if self.control_token_ids.isdisjoint(ids):
+            return ids
+        plain: list[int] = []
+        for tid, (start, end) in zip(ids, encoding.offsets):
+            if tid not in self.control_token_ids:
+                plain.append(tid)
+                continue
+            for char in text[start:end]:  # a non-special added token: one character at a time
+                char_ids = self._plain.encode(char, add_special_tokens=False).ids
+                plain += [i for i in char_ids if i not in self.control_token_ids]
+        return plain
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The chat prompt's ids, where only the template's markup yields control tokens.
+
+        The template is rendered with a stand-in for each message's content; the rendered
+        text is split at its own control tokens and every stretch between two of them
+        (template text and contents together, as `encode` would see it) is encoded with
+        `encode_plain`. Contents are used as given (a template filter on content, such as
+        trim, does not apply to them)."""
+        _check_messages(messages)
+        stand_ins = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        parts = _STAND_IN.split(self.apply_chat_template(stand_ins, add_generation_prompt))
+        ids: list[int] = []
+        pending: list[str] = []  # text since the template's last control token
+        for k, part in enumerate(parts):
+            if k % 2:  # parts[1::2] are the message indices captured by _STAND_IN
+                pending.append(messages[int(part)]["content"])
+                continue
+            encoding = self._tok.encode(part, add_special_tokens=False)
+            last = 0
+            for tid, (start, end) in zip(encoding.ids, encoding.offsets):
+                if tid in self.control_token_ids:
+                    pending.append(part[last:start])
+                    ids += self.encode_plain("".join(pending))
+                    ids.append(tid)
+                    pending, last = [], end
+            pending.append(part[last:])
+        return ids + self.encode_plain("".join(pending))
+
+    def markup_in(self, text: str) -> list[str]:
+        """Chat-structure spellings in `text`, in order: see `markup_in` (module level)."""
+        return markup_in(text, self.control_strings)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -77,14 +153,7 @@ class Tokenizer:
         """Render `messages` ([{"role", "content"}]) with the model's own template."""
         if not self.chat_template:
             raise InputError("this model has no chat template; use a plain prompt")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
-                raise InputError(f"message {i} must be an object with a string 'content'")
-            if msg.get("role") not in ("system", "user", "assistant", "tool"):
-                raise InputError(
-                    f"message {i} has role {msg.get('role')!r}; "
-                    "expected system, user, assistant or tool"
-                )
+        _check_messages(messages)
         return _compiled_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt
         )
@@ -131,6 +200,31 @@ class StreamDecoder:
         delta = text[len(self._emitted) :]
         self._emitted = text
         return delta
+
+
+_STAND_IN = re.compile("\ue000([0-9]+)\ue001")  # private-use characters: no template has them
+# Role tags of other chat formats (<|system|>, <|eot_id|>, <|start_header_id|> ...).
+_ROLE_TAG = re.compile(r"<\|[A-Za-z_]{1,40}\|>")
+
+
+def markup_in(text: str, control_strings: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The control-token spellings (`Tokenizer.control_strings`) and <|role|> tags found in
+    `text`, each once, in order of first appearance: signs of a prompt-injection attempt."""
+    found = {s: text.find(s) for s in control_strings if s in text}
+    for match in _ROLE_TAG.finditer(text):
+        found.setdefault(match.group(0), match.start())
+    return sorted(found, key=found.__getitem__)
+
+
+def _check_messages(messages: list[dict]) -> None:
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+            raise InputError(f"message {i} must be an object with a string 'content'")
+        if msg.get("role") not in ("system", "user", "assistant", "tool"):
+            raise InputError(
+                f"message {i} has role {msg.get('role')!r}; "
+                "expected system, user, assistant or tool"
+            )
 
 
 _TEMPLATES: dict[str, object] = {}

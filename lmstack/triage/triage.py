@@ -10,7 +10,8 @@ previous answer and the validator's errors; when an error names the allowed urge
 retry's schema offers only those, so a rule the model keeps missing cannot survive the
 last attempt; likewise a retry after a reply in the wrong language must start every
 sentence, not only the first, in the ticket's language (schema.SENTENCE_OPENERS). Tickets
-that do not fit the context are cut in the middle, with a warning.
+that do not fit the context are cut in the middle, with a warning; so is a ticket that
+spells chat markup (control tokens, role tags, <ticket> delimiters: a prompt injection).
 
 With a category classifier (classifier.py), the schema's `category` enum holds only the
 classes that cover `category_coverage` of the classifier's probability: its top class alone
@@ -27,10 +28,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lmstack.errors import InputError
-from lmstack.llm import ChatRequest, Completion, Generator
+from lmstack.llm import ChatRequest, Completion, Generator, chat_markup
 from lmstack.triage.grounding import candidates
 from lmstack.triage.languages import detect_language
-from lmstack.triage.prompt import Example, build_messages, load_examples, truncate_middle
+from lmstack.triage.prompt import (
+    Example,
+    build_messages,
+    injection_warning,
+    load_examples,
+    truncate_middle,
+)
 from lmstack.triage.schema import CATEGORIES, URGENCIES, Ticket, TriageRecord, output_schema
 from lmstack.triage.validate import allowed_urgencies, parse_output, validate
 
@@ -140,6 +147,9 @@ class Triager:
                 f"the ticket is {len(text)} characters; the limit is {MAX_TICKET_CHARS}"
             ]
         else:
+            warning = injection_warning(text, chat_markup(self.generator, text))
+            if warning:
+                record.warnings.append(warning)
             text, cut = self._fit(text)
             if cut:
                 record.warnings.append(
