@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmstack.errors import InputError
@@ -63,6 +64,9 @@ class SamplingParams:
         def number(name, value, kind=(int, float)):
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise InputError(f"{name} must be a number, got {value!r}")
+            # inf and nan slip through every range check below (nan compares False).
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
 
         number("temperature", self.temperature)
         if self.temperature < 0:

@@ -2,8 +2,10 @@
 
 Requests mirror the OpenAI spec (plus vLLM-style extensions: priority, timeout, top_k, min_p,
 repetition_penalty, ignore_eos). Unknown fields are accepted and ignored, as vLLM does, so
-clients written for OpenAI keep working. Range checks live in SamplingParams.validate and
-the engine, which name the value and the limit; pydantic only checks types here.
+clients written for OpenAI keep working. Pydantic checks types here, and that every number
+is finite (JSON's 1e999 parses as inf); the server's bounds on a request's work are in
+lmstack.server.limits, range checks in SamplingParams.validate and the engine, all naming
+the value and the limit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from lmstack.engine.outputs import TokenLogprob
 from lmstack.engine.sampling_params import SamplingParams, StructuredOutput
 from lmstack.errors import InputError
 
-MAX_N = 64  # choices per request; each one is a full engine request
 # torch.Generator.manual_seed takes a 64-bit value; beyond it the engine's step would raise
 # and fail every request in the batch, so the range is checked here.
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -37,11 +38,17 @@ class OpenAIModel(BaseModel):
 # ---------------------------------------------------------------------------- requests
 
 
-class StreamOptions(OpenAIModel):
+class RequestModel(OpenAIModel):
+    # inf and nan pass every range check written as `low <= x` or `x > 0`: refuse them, in
+    # every float field, naming the field.
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class JsonSchemaSpec(OpenAIModel):
+class JsonSchemaSpec(RequestModel):
     name: str | None = None
     description: str | None = None
     # `schema` shadows a BaseModel attribute, hence the alias.
@@ -49,7 +56,7 @@ class JsonSchemaSpec(OpenAIModel):
     strict: bool | None = None
 
 
-class ResponseFormat(OpenAIModel):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
 
@@ -63,7 +70,7 @@ class ResponseFormat(OpenAIModel):
         return StructuredOutput(json_schema=self.json_schema.json_schema)
 
 
-class SamplingRequest(OpenAIModel):
+class SamplingRequest(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
@@ -91,11 +98,12 @@ class SamplingRequest(OpenAIModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def check_counts(self, num_prompts: int = 1) -> None:
-        """n in range, and the seeds of all choices (seed .. seed + count - 1) fit 64 bits."""
-        if not 1 <= self.n <= MAX_N:
-            raise InputError(f"n must be in [1, {MAX_N}], got {self.n}")
-        low, high = SEED_RANGE[0], SEED_RANGE[1] - (num_prompts * self.n - 1)
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+
+    def check_seed(self, num_choices: int) -> None:
+        """The seeds of all choices (seed .. seed + num_choices - 1) fit 64 bits."""
+        low, high = SEED_RANGE[0], SEED_RANGE[1] - (num_choices - 1)
         if self.seed is not None and not low <= self.seed <= high:
             raise InputError(f"seed must be in [{low}, {high}], got {self.seed}")
 
@@ -103,7 +111,7 @@ class SamplingRequest(OpenAIModel):
         self, max_tokens: int, logprobs: int | None, index: int = 0
     ) -> SamplingParams:
         """Params for choice `index`: with a seed, choice i gets seed + i so choices differ."""
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        stop = self.stop_list()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -121,12 +129,12 @@ class SamplingRequest(OpenAIModel):
         )
 
 
-class TextPart(OpenAIModel):
+class TextPart(RequestModel):
     type: str
     text: str | None = None
 
 
-class ChatMessage(OpenAIModel):
+class ChatMessage(RequestModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
