@@ -23,3 +23,7 @@ class ContextLengthError(InputError):
             f"{what} is {prompt_tokens} tokens, longer than the model's context window of "
             f"{limit} tokens"
         )
+
+
+class EngineDeadError(LmstackError):
+    """The engine's step thread has stopped: nothing can be generated until a restart (503)."""

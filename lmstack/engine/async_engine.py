@@ -16,12 +16,21 @@ took 1.5-1.7x as long as the same steps on one thread (79-91 ms against 50-57 ms
 sequences, measured here). `exclusive_threads=True` (the server) goes one further: other
 threads of the process then run torch ops single-threaded, so a web request that embeds
 a query or draws an attention map cannot form a second team behind the engine's back.
+
+Failures. Work that belongs to one request (its grammar mask, sampling, stop checks,
+detokenizing, even its share of the batched forward: see LLMEngine.step) fails that request
+alone. A step that raises anyway fails every request in flight and the loop goes on; after
+MAX_FAILED_STEPS such steps in a row the engine is broken, not unlucky, and the thread stops.
+When the thread stops for any reason (that, an exception outside a step, shutdown), every
+request still in flight ends with finish_reason "error", `is_alive` turns False (/ready and
+/health answer 503) and `add_request` raises EngineDeadError at once (HTTP 503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -34,6 +43,13 @@ from lmstack.engine.outputs import RequestOutput
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import QueueFullError
 from lmstack.engine.sequence import FinishReason, Sequence
+from lmstack.errors import EngineDeadError
+
+logger = logging.getLogger("lmstack.engine")
+
+# Steps in a row that raise (each failing every request in flight) before the engine is
+# declared dead. One is bad luck; three with fresh requests each time is a broken engine.
+MAX_FAILED_STEPS = 3
 
 
 class AsyncLLMEngine:
@@ -60,6 +76,8 @@ class AsyncLLMEngine:
         self._snapshot_drained = 0
         self.num_rejected = 0
         self.step_error: str | None = None
+        self.failed_steps = 0  # consecutive steps that raised
+        self.dead: str | None = None  # why the step thread stopped; None while it runs
         ready = threading.Event()
         self._load_error: BaseException | None = None
         self.step_threads = 0  # torch threads the step thread runs with
@@ -89,7 +107,7 @@ class AsyncLLMEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self.dead is None and self._thread.is_alive()
 
     # ------------------------------------------------------------ step thread
 
@@ -105,7 +123,13 @@ class AsyncLLMEngine:
             return
         finally:
             ready.set()
-        self._loop()
+        reason = "the engine was shut down"
+        try:
+            self._loop()
+        except BaseException as exc:  # whatever it was, the thread is over
+            logger.error("the engine's step thread stopped", exc_info=exc)
+            reason = f"the engine's step thread stopped ({type(exc).__name__}: {exc})"
+        self._die(f"{reason}; this server cannot generate until it is restarted")
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -113,8 +137,16 @@ class AsyncLLMEngine:
             if self.engine.has_unfinished_requests():
                 try:
                     outputs += self.engine.step()
+                    if not self.engine.lone_failure:
+                        self.failed_steps = 0
                 except Exception as exc:  # fail the in-flight requests, keep serving
                     self.step_error = f"{type(exc).__name__}: {exc}"
+                    self.failed_steps += 1
+                    if self.failed_steps >= MAX_FAILED_STEPS:
+                        raise RuntimeError(
+                            f"{self.failed_steps} steps in a row failed, the last with "
+                            f"{self.step_error}"
+                        ) from exc
                     outputs += self._fail_all(self.step_error)
                 self._publish_stats()
                 self._deliver(outputs)
@@ -163,6 +195,24 @@ class AsyncLLMEngine:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
                 loop.call_soon_threadsafe(_put_all, items)
 
+    def _die(self, message: str) -> None:
+        """The thread is ending: refuse new requests, end the ones in flight with `message`."""
+        with self._inbox_lock:
+            self.dead = message
+            pending, self._queues = self._queues, {}
+            self._new.clear()
+        outputs = [
+            RequestOutput(request_id, 0, [], "", "", [], True, "error", error=message)
+            for request_id in pending
+        ]
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            loop, queue = pending[out.request_id]
+            batches.setdefault(loop, []).append((queue, out))
+        for loop, items in batches.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+                loop.call_soon_threadsafe(_put_all, items)
+
     def _fail_all(self, message: str) -> list[RequestOutput]:
         """A step raised: end every in-flight request with the error instead of hanging."""
         outputs = []
@@ -186,14 +236,19 @@ class AsyncLLMEngine:
     ) -> tuple[str, asyncio.Queue]:
         """Queue a request from a coroutine; returns its id and the queue of its outputs.
 
-        Raises InputError for bad input and QueueFullError when the waiting queue is full,
-        synchronously, so a server can answer 400/429 before it starts a stream.
+        Raises InputError for bad input, QueueFullError when the waiting queue is full and
+        EngineDeadError when the step thread has stopped, synchronously, so a server can
+        answer 400/429/503 before it starts a stream.
         """
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
         loop = asyncio.get_running_loop()
         seq = self.engine.make_sequence(prompt, params, priority, timeout, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         bound = self.engine.scheduler.config.max_waiting
         with self._inbox_lock:
+            if self.dead is not None:  # died while this request was being validated
+                raise EngineDeadError(self.dead)
             if self._waiting_estimate() >= bound:
                 self.num_rejected += 1
                 raise QueueFullError(bound)

@@ -3,6 +3,16 @@
 One step = schedule (which sequences, how many tokens each, within the token budget and
 the KV pool) -> one forward pass over the paged cache -> sample for the sequences whose
 prompt is fully computed -> detokenize, check stops, finish what is done.
+
+A failure in one request's work fails that request alone (finish_reason "error", the cause
+in its `error`) and the step goes on for the others: its grammar mask or sampling (the batch
+is retried row by row to find it), its stop checks and detokenizing. A batched forward that
+raises is retried one sequence at a time, so the sequence that makes it fail is failed
+alone; when every sequence of a batch of two or more fails alone too, the fault is the
+engine's, not a request's, and step() raises (AsyncLLMEngine counts those; a lone sequence
+that fails is no evidence either way: `lone_failure`). The retries
+cost nothing until something fails; a seeded request whose batch needed one may then draw
+differently from a clean run, since the failed attempt already advanced its generator.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.num_prompt_tokens = 0
         self._aborted: list[Sequence] = []
+        self.lone_failure = False  # the last step ran one sequence and its forward failed
 
     # ---------------------------------------------------------------- requests
 
@@ -139,8 +150,8 @@ class LLMEngine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InputError(f"priority must be an integer, got {priority!r}")
         timeout = self.config.default_timeout if timeout is None else timeout
-        if timeout is not None and not timeout > 0:
-            raise InputError(f"timeout must be > 0 seconds, got {timeout}")
+        if timeout is not None and not 0 < timeout < math.inf:  # nan fails both sides
+            raise InputError(f"timeout must be a finite number of seconds > 0, got {timeout}")
         matcher = self.grammar.matcher(params.structured) if params.structured else None
         request_id = request_id or f"req-{next(self._ids)}"
         now = time.monotonic()
@@ -180,6 +191,7 @@ class LLMEngine:
     # ---------------------------------------------------------------- the step
 
     def step(self) -> list[RequestOutput]:
+        self.lone_failure = False
         sched = self.scheduler.schedule()
         finished: list[Sequence] = list(sched.finished) + self._aborted
         self._aborted.clear()
@@ -189,30 +201,81 @@ class LLMEngine:
             if item.seq.first_scheduled_time is None:
                 item.seq.first_scheduled_time = now
         if sched.scheduled:
-            logits, ready = self.runner.execute(sched.scheduled, self.block_manager)
+            logits, ready, failed = self._execute(sched.scheduled)
             self.scheduler.after_step(sched)
             if ready:
                 touched = self._sample(logits, ready)
-        outputs = [self.output(seq) for seq in touched]
-        outputs += [self.output(seq) for seq in finished if seq not in touched]
+            finished += [seq for seq in failed if seq not in finished]
+        outputs = [self._output_or_error(seq) for seq in touched]
+        outputs += [self._output_or_error(seq) for seq in finished if seq not in touched]
         return outputs
 
+    def _execute(self, batch: list) -> tuple[torch.Tensor, list[Sequence], list[Sequence]]:
+        """The batched forward; when it raises, each sequence alone (see the module doc)."""
+        try:
+            return (*self.runner.execute(batch, self.block_manager), [])
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0].seq, "the model forward failed", exc)
+                self.lone_failure = True
+                return torch.empty(0, self.model.config.vocab_size), [], [batch[0].seq]
+            error = exc
+        rows, ready, failed = [], [], []
+        for item in batch:
+            try:
+                logits, seqs = self.runner.execute([item], self.block_manager)
+            except Exception as exc:
+                self._fail(item.seq, "the model forward failed", exc)
+                failed.append(item.seq)
+                continue
+            rows.append(logits)
+            ready += seqs
+        if len(failed) == len(batch):
+            raise RuntimeError(f"the batched forward failed for every sequence: {error}")
+        return torch.cat(rows), ready, failed
+
+    def _fail(self, seq: Sequence, what: str, exc: BaseException) -> None:
+        seq.state["error"] = f"{what}: {type(exc).__name__}: {exc}"
+        self.scheduler.finish_seq(seq, FinishReason.ERROR)
+
+    def _output_or_error(self, seq: Sequence) -> RequestOutput:
+        try:
+            return self.output(seq)
+        except Exception as exc:  # e.g. its detokenizer: the request ends with the error
+            self._fail(seq, "detokenizing failed", exc)
+            error = seq.state["error"]
+            return RequestOutput(seq.request_id, seq.num_prompt_tokens, [], "", "", [], True,
+                                 FinishReason.ERROR, error=error)  # fmt: skip
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sequence]:
+        try:
+            results = self._sample_rows(logits, seqs)
+        except Exception:  # find the row that raised: retry one row at a time
+            results = []
+            for i, seq in enumerate(seqs):
+                try:
+                    results += self._sample_rows(logits[i : i + 1], [seq])
+                except Exception as exc:
+                    self._fail(seq, "sampling failed", exc)
+                    results.append(None)
+        now = time.monotonic()
+        for seq, result in zip(seqs, results):
+            if result is None:
+                continue
+            try:
+                self._append(seq, result, now)
+            except Exception as exc:  # one bad request must not take the batch down
+                self._fail(seq, "handling the sampled token failed", exc)
+        return seqs
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
         matchers = [s.state.get("matcher") for s in seqs]
         mask = None
         if any(m is not None for m in matchers):
             from lmstack.engine.grammar import allowed_mask
 
             mask = allowed_mask(matchers, logits.shape[1])
-        results = self.sampler(logits, seqs, mask)
-        now = time.monotonic()
-        for seq, result in zip(seqs, results):
-            try:
-                self._append(seq, result, now)
-            except Exception as exc:  # one bad request must not take the batch down
-                seq.state["error"] = f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish_seq(seq, FinishReason.ERROR)
-        return seqs
+        return self.sampler(logits, seqs, mask)
 
     def _append(self, seq: Sequence, result, now: float) -> None:
         token = result.token_id
