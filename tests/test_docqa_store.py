@@ -101,7 +101,8 @@ def test_interrupted_ingestion_leaves_the_earlier_state(tmp_path, tokenizer, mon
     reopened = DocStore(tmp_path / "docs.db")
     hits = Retriever(reopened, Embedder.shared()).search("password rotation", 5)
     assert [h.text for h in hits] and all("90 days" in h.text for h in hits)
-    assert reopened.collect_garbage() == 1  # the unfinished version's chunks go
+    assert reopened.collect_garbage() == 0  # young: another writer may be about to name it
+    assert reopened.collect_garbage(min_age_s=0) == 1  # the unfinished version's chunks go
     report = Ingestor(reopened, Embedder.shared(), tokenizer).ingest([folder])
     assert report.replaced == ["policy.md"]
     assert "never rotate" in reopened.chunks_of("policy.md")[0].text

@@ -1,9 +1,12 @@
 """Ingestion: read -> chunk -> embed -> store, per document, idempotent by content hash.
 
-Unchanged documents (same doc_id, same content hash) are skipped without embedding;
-changed ones replace their chunks atomically (see store.py). A file that cannot be read is
-reported and the rest of the batch is still ingested. Chunks of several small documents are
-embedded together so a JSONL corpus of short records still runs in full batches.
+Unchanged documents (same doc_id, same content hash, every live chunk present) are skipped
+without embedding; changed ones, and ones whose chunks are missing or short (a crash, a lost
+write), replace their chunks atomically (see store.py). Ids too long for the store are
+shortened with a hash of the whole id (records.storable_id), so they still match next time.
+A file that cannot be read is reported and the rest of the batch is still ingested. Chunks of
+several small documents are embedded together so a JSONL corpus of short records still runs
+in full batches.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from pathlib import Path
 
 from lmstack.docqa.chunk import chunk_pages
 from lmstack.docqa.documents import Document, expand, read_path
-from lmstack.docqa.records import ChunkRow, DocumentRecord, search_text_of
+from lmstack.docqa.records import ChunkRow, DocumentRecord, search_text_of, storable_id
 from lmstack.docqa.store import DocStore
+from lmstack.docqa.versions import checkpoint
 from lmstack.errors import InputError
 
 _EMBED_BATCH_CHUNKS = 256  # documents are buffered until this many chunks await embedding
@@ -58,6 +62,7 @@ class Ingestor:
         tokenizer,
         chunk_tokens: int = 500,
         overlap: int = 50,
+        batch_chunks: int = _EMBED_BATCH_CHUNKS,
     ):
         if chunk_tokens < 16:
             raise InputError(f"--chunk-tokens must be at least 16, got {chunk_tokens}")
@@ -66,6 +71,7 @@ class Ingestor:
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
+        self.batch_chunks = batch_chunks  # chunks per embedding batch and per store write
         # Part of each document's stored hash: re-adding with other chunking or another
         # embedder re-indexes instead of being skipped as unchanged.
         self.settings = f"chunk={chunk_tokens},overlap={overlap},embedder={embedder.name}"
@@ -81,7 +87,9 @@ class Ingestor:
         """Add or update everything under `paths`; `progress(kind, n)` reports work done."""
         start = time.perf_counter()
         report = IngestReport()
-        self.store.collect_garbage()  # chunks of an ingestion interrupted earlier
+        counts = self.store.chunk_counts()
+        self.store.collect_garbage(counts)  # chunks of an ingestion interrupted earlier
+        checkpoint("after_gc")
         known = {r.doc_id: r for r in self.store.documents()}
         files = []
         for path in paths:
@@ -104,6 +112,7 @@ class Ingestor:
                     progress("files", 1)
                 continue
             for doc in docs:
+                doc.doc_id = storable_id(doc.doc_id)
                 report.skipped_lines += [(str(path), line) for line in doc.skipped_lines]
                 if doc.doc_id in seen:
                     report.failed.append(
@@ -113,7 +122,11 @@ class Ingestor:
                 seen[doc.doc_id] = doc.source
                 previous = known.get(doc.doc_id)
                 fingerprint = f"{doc.content_hash}:{self.settings}"
-                if previous is not None and previous.content_hash == fingerprint:
+                if (
+                    previous is not None
+                    and previous.content_hash == fingerprint
+                    and counts.get((previous.doc_id, previous.version), 0) == previous.chunks
+                ):
                     report.unchanged.append(doc.doc_id)
                     continue
                 rows = self._chunk(doc)
@@ -121,7 +134,7 @@ class Ingestor:
                     report.failed.append((str(path), f"{doc.doc_id}: no text to index"))
                     continue
                 pending.append((doc, rows, previous))
-                if sum(len(r) for _, r, _ in pending) >= _EMBED_BATCH_CHUNKS:
+                if sum(len(r) for _, r, _ in pending) >= self.batch_chunks:
                     self._write(pending, report, progress)
                     pending = []
             if progress:
@@ -163,6 +176,7 @@ class Ingestor:
             batch.append((record, rows, vectors[offset : offset + len(rows)]))
             offset += len(rows)
         self.store.replace(batch)
+        checkpoint("after_batch")
         for (record, rows, _), (_, _, previous) in zip(batch, pending):
             (report.replaced if previous else report.added).append(record.doc_id)
             report.chunks += len(rows)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+
+# Milvus VARCHAR max_length counts bytes of UTF-8 (Milvus Lite counts characters, a server
+# bytes): every stored string is cut to these in bytes, never inside a code point.
+MAX_META_BYTES = 1024  # doc_id, title
+MAX_HEADINGS_BYTES = 2 * MAX_META_BYTES  # the heading path, as JSON
+MAX_SOURCE_BYTES = 4 * MAX_META_BYTES
+_MAX_HEADING_BYTES = 256  # one heading within the path
 
 
 @dataclass
@@ -74,3 +82,32 @@ def hit_from_entity(entity: dict, score: float, key: str) -> Hit:
         score=score,
         scores={key: score},
     )
+
+
+def clip_utf8(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, at a code point boundary."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    # A cut inside a multi-byte sequence leaves an incomplete tail: "ignore" drops just it.
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+def storable_id(doc_id: str) -> str:
+    """A doc_id that fits the store: itself when short enough, else a clipped prefix plus a
+    hash of the whole id, so two long ids that share a prefix stay two documents."""
+    if len(doc_id.encode("utf-8")) <= MAX_META_BYTES:
+        return doc_id
+    digest = hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:16]
+    return f"{clip_utf8(doc_id, MAX_META_BYTES - len(digest) - 1)}~{digest}"
+
+
+def headings_json(headings: list[str]) -> str:
+    """The heading path as JSON within MAX_HEADINGS_BYTES: each heading clipped, then the
+    deepest dropped until it fits (the stored value stays valid JSON)."""
+    path = [clip_utf8(h, _MAX_HEADING_BYTES) for h in headings]
+    while True:
+        text = json.dumps(path, ensure_ascii=False)
+        if len(text.encode("utf-8")) <= MAX_HEADINGS_BYTES or not path:
+            return text
+        path.pop()

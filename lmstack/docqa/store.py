@@ -10,10 +10,19 @@ calls. Two collections:
 - `lmstack_documents`: the registry: one row per document with its content hash and the
   `version` of its chunks that is live.
 
-Why versions: replacing a document writes its new chunks under a new version, then switches
-the registry row (one upsert), then deletes the old version. A crash at any point leaves
-the previous version live; orphaned chunks of an unfinished version are never returned
-(searches keep only live versions) and are deleted by the next write.
+Why versions: replacing a document writes its new chunks under a new version, flushes them,
+then switches the registry row (one upsert), then deletes that document's old version. A
+crash at any point leaves either the previous version live or the new one, each with all
+its chunks; orphaned chunks of an unfinished version are never returned (searches keep
+only live versions) and are deleted by a later write once they are old (versions.py).
+A document whose live chunks are missing or short is re-ingested, never "unchanged".
+
+Several writers: garbage collection re-reads the registry right before it deletes and
+spares young versions, and a write deletes only (document, version) pairs it replaced, so
+two writers on one store never delete each other's documents. With Milvus Lite they can
+only take turns: the file is locked by the first process that opens it, until that process
+exits (a running `lmstack serve` holds it once a document request opened it), and another
+process gets an error that says so. Writers on a Milvus server may run at once.
 """
 
 from __future__ import annotations
@@ -21,28 +30,38 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
+import time
 from pathlib import Path
 
-from lmstack.docqa.records import ChunkRow, DocumentRecord, Hit, hit_from_entity, search_text_of
+from lmstack.docqa.records import (
+    MAX_META_BYTES,
+    MAX_SOURCE_BYTES,
+    ChunkRow,
+    DocumentRecord,
+    Hit,
+    clip_utf8,
+    headings_json,
+    hit_from_entity,
+    search_text_of,
+    storable_id,
+)
+from lmstack.docqa.schema import CHUNKS, DOCUMENTS, MAX_TEXT_BYTES, ensure_collections
+from lmstack.docqa.versions import (
+    GC_MIN_AGE_S,
+    checkpoint,
+    locked_elsewhere,
+    new_version,
+    version_age,
+)
 from lmstack.errors import InputError, LmstackError
 
-CHUNKS = "lmstack_chunks"
-DOCUMENTS = "lmstack_documents"
 DEFAULT_STORE = "./lmstack-docs.db"
-_ANALYZER = {
-    "tokenizer": "standard",
-    "filter": [
-        "lowercase",
-        {"type": "stop", "stop_words": ["_english_"]},
-        {"type": "stemmer", "language": "english"},
-    ],
-}
-_MAX_TEXT_BYTES = 65535
-_MAX_META = 1024
 _OUTPUT = ["doc_id", "chunk_id", "title", "page", "headings", "text", "tokens", "version"]
 # Over-fetch so that dropping stale (not live) rows still leaves top_k results.
 _OVERFETCH = 2
+# Searches filter by the registry's live versions, re-read this often so that documents
+# another writer added or replaced show up (and their old chunks stop being expected).
+_LIVE_TTL_S = 5.0
 
 
 _RECORD_FIELDS = list(DocumentRecord.__dataclass_fields__)
@@ -89,77 +108,22 @@ class DocStore:
         try:
             self.client = MilvusClient(self.uri)
         except Exception as exc:
+            if self.local and locked_elsewhere(self.uri):
+                raise LmstackError(
+                    f"the document store {store} is open in another process (a running "
+                    "`lmstack serve` or `lmstack docs add`); Milvus Lite lets one process use "
+                    "a store at a time: stop that process, use another --store, or keep the "
+                    "store on a Milvus server (--store milvus://host:19530)"
+                ) from exc
             raise LmstackError(f"cannot open the document store {store}: {exc}") from exc
         self._ensure_collections()
         self._live: dict[str, str] | None = None  # doc_id -> live version
+        self._live_at = 0.0
 
     # ---------------------------------------------------------------- schema
 
     def _ensure_collections(self) -> None:
-        from pymilvus import DataType, Function, FunctionType
-
-        c = self.client
-        if not c.has_collection(CHUNKS):
-            schema = c.create_schema(auto_id=False, description="lmstack document chunks")
-            schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
-            schema.add_field("doc_id", DataType.VARCHAR, max_length=_MAX_META)
-            schema.add_field("chunk_id", DataType.INT64)
-            schema.add_field("version", DataType.VARCHAR, max_length=64)
-            schema.add_field("title", DataType.VARCHAR, max_length=_MAX_META)
-            schema.add_field("page", DataType.INT64)  # -1: no page
-            schema.add_field("headings", DataType.VARCHAR, max_length=_MAX_META * 2)
-            schema.add_field("tokens", DataType.INT64)
-            schema.add_field("text", DataType.VARCHAR, max_length=_MAX_TEXT_BYTES)
-            # What BM25 indexes: the chunk with its title and heading path, so a question
-            # naming a section finds its chunks even when the body never repeats the name.
-            schema.add_field(
-                "search_text",
-                DataType.VARCHAR,
-                max_length=_MAX_TEXT_BYTES,
-                enable_analyzer=True,
-                analyzer_params=_ANALYZER,
-            )
-            schema.add_field("dense", DataType.FLOAT_VECTOR, dim=self.dimension)
-            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-            schema.add_function(
-                Function(
-                    name="text_bm25",
-                    function_type=FunctionType.BM25,
-                    input_field_names=["search_text"],
-                    output_field_names=["sparse"],
-                )
-            )
-            index = c.prepare_index_params()
-            index.add_index("dense", index_type="AUTOINDEX", metric_type="COSINE")
-            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-            c.create_collection(CHUNKS, schema=schema, index_params=index)
-        else:
-            dense = next(
-                (f for f in c.describe_collection(CHUNKS)["fields"] if f["name"] == "dense"), None
-            )
-            dim = (dense or {}).get("params", {}).get("dim")
-            if dim is not None and int(dim) != self.dimension:
-                raise InputError(
-                    f"the store {self.uri} holds {dim}-d vectors; this embedder makes "
-                    f"{self.dimension}-d ones"
-                )
-        if not c.has_collection(DOCUMENTS):
-            schema = c.create_schema(auto_id=False, description="lmstack document registry")
-            schema.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=_MAX_META)
-            schema.add_field("title", DataType.VARCHAR, max_length=_MAX_META)
-            schema.add_field("source", DataType.VARCHAR, max_length=_MAX_META * 4)
-            schema.add_field("content_hash", DataType.VARCHAR, max_length=512)
-            schema.add_field("version", DataType.VARCHAR, max_length=64)
-            schema.add_field("chunks", DataType.INT64)
-            schema.add_field("tokens", DataType.INT64)
-            schema.add_field("added_at", DataType.DOUBLE)
-            # Milvus needs a vector field in every collection; the registry's is unused.
-            schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)
-            index = c.prepare_index_params()
-            index.add_index("unused", index_type="FLAT", metric_type="L2")
-            c.create_collection(DOCUMENTS, schema=schema, index_params=index)
-        for name in (CHUNKS, DOCUMENTS):
-            c.load_collection(name)
+        ensure_collections(self.client, self.uri, self.dimension)
 
     # ---------------------------------------------------------------- registry
 
@@ -182,20 +146,36 @@ class DocStore:
 
     def get(self, doc_id: str) -> DocumentRecord | None:
         rows = self.client.query(
-            DOCUMENTS, filter=f"doc_id == {_literal(doc_id)}", output_fields=_RECORD_FIELDS
+            DOCUMENTS,
+            filter=f"doc_id == {_literal(storable_id(doc_id))}",
+            output_fields=_RECORD_FIELDS,
         )
         return _record(rows[0]) if rows else None
 
+    def _registry_versions(self) -> dict[str, str]:
+        """doc_id -> live version, read from the registry now (never cached)."""
+        return {
+            row["doc_id"]: row["version"]
+            for row in self.iterate(DOCUMENTS, "", ["doc_id", "version"])
+        }
+
     def live_versions(self) -> dict[str, str]:
-        if self._live is None:
-            self._live = {
-                row["doc_id"]: row["version"]
-                for row in self.iterate(DOCUMENTS, "", ["doc_id", "version"])
-            }
+        """doc_id -> live version, for filtering search results (re-read every few seconds)."""
+        if self._live is None or time.monotonic() - self._live_at > _LIVE_TTL_S:
+            self._live = self._registry_versions()
+            self._live_at = time.monotonic()
         return self._live
 
     def count_chunks(self) -> int:
         return sum(r.chunks for r in self.documents())
+
+    def chunk_counts(self) -> dict[tuple[str, str], int]:
+        """(doc_id, version) -> chunk rows stored, over the whole chunk collection."""
+        counts: dict[tuple[str, str], int] = {}
+        for row in self.iterate(CHUNKS, "", ["doc_id", "version"]):
+            key = (row["doc_id"], row["version"])
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     # ---------------------------------------------------------------- writes
 
@@ -203,26 +183,30 @@ class DocStore:
         """Make each document's chunks its live content, atomically for readers.
 
         `batch` is (record, chunks, vectors) per document. The chunks of the whole batch go
-        in under one new version, the registry rows switch to it in one upsert, then the
-        replaced versions are deleted: a few calls per batch, not per document (a JSONL
-        corpus of 10,000 one-chunk records would otherwise make 30,000 round trips).
+        in under one new version and are flushed, the registry rows switch to it in one
+        upsert, then each document's replaced version is deleted: a few calls per batch, not
+        per document (a JSONL corpus of 10,000 one-chunk records would otherwise make 30,000
+        round trips). A crash before the upsert leaves the old versions live (the new
+        chunks are orphans); after it, the new ones, with every chunk already durable.
         """
-        version = uuid.uuid4().hex
-        rows, registry, stale = [], [], []
+        version = new_version()
+        rows, registry = [], []
+        stale: dict[str, list[str]] = {}  # replaced version -> the doc_ids it held
         for index, (record, chunks, vectors) in enumerate(batch):
             if len(chunks) != len(vectors):
                 raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
             for chunk, vector in zip(chunks, vectors):
                 rows.append(self._row(chunk, vector, version, f"{version}-{index}"))
-            if record.version:
-                stale.append(record.version)  # the version this document had until now
+            record.doc_id = storable_id(record.doc_id)
+            if record.version:  # the version this document had until now
+                stale.setdefault(record.version, []).append(record.doc_id)
             record.version = version
             record.chunks = len(chunks)
             registry.append(
                 {
-                    "doc_id": record.doc_id[:_MAX_META],
-                    "title": record.title[:_MAX_META],
-                    "source": record.source[: _MAX_META * 4],
+                    "doc_id": record.doc_id,
+                    "title": clip_utf8(record.title, MAX_META_BYTES),
+                    "source": clip_utf8(record.source, MAX_SOURCE_BYTES),
                     "content_hash": record.content_hash,
                     "version": version,
                     "chunks": record.chunks,
@@ -233,29 +217,33 @@ class DocStore:
             )
         for start in range(0, len(rows), 1000):
             self.client.insert(CHUNKS, rows[start : start + 1000])
+        checkpoint("after_chunks")
+        self.client.flush(CHUNKS)  # durable before any registry row names them
+        checkpoint("after_flush")
         for start in range(0, len(registry), 1000):
             self.client.upsert(DOCUMENTS, registry[start : start + 1000])
-        if stale:
-            self.client.delete(CHUNKS, filter=f"version in {_literal(sorted(set(stale)))}")
+        checkpoint("after_registry")
+        self._delete_pairs(stale)  # only the (document, version) pairs replaced here
+        checkpoint("after_delete")
         if self._live is not None:
             for record, _, _ in batch:
                 self._live[record.doc_id] = version
 
     def _row(self, chunk: ChunkRow, vector, version: str, key: str) -> dict:
         search_text = search_text_of(chunk)
-        if len(search_text.encode()) > _MAX_TEXT_BYTES:  # the chunker keeps far below this
+        if len(search_text.encode()) > MAX_TEXT_BYTES:  # the chunker keeps far below this
             raise InputError(
                 f"chunk {chunk.chunk_id} of {chunk.doc_id} is "
-                f"{len(search_text.encode())} bytes, over the store's {_MAX_TEXT_BYTES}"
+                f"{len(search_text.encode())} bytes, over the store's {MAX_TEXT_BYTES}"
             )
         return {
             "pk": f"{key}-{chunk.chunk_id}",
-            "doc_id": chunk.doc_id[:_MAX_META],
+            "doc_id": storable_id(chunk.doc_id),
             "chunk_id": chunk.chunk_id,
             "version": version,
-            "title": chunk.title[:_MAX_META],
+            "title": clip_utf8(chunk.title, MAX_META_BYTES),
             "page": -1 if chunk.page is None else int(chunk.page),
-            "headings": json.dumps(chunk.headings, ensure_ascii=False)[: _MAX_META * 2],
+            "headings": headings_json(chunk.headings),
             "tokens": chunk.tokens,
             "text": chunk.text,
             "search_text": search_text,
@@ -263,6 +251,7 @@ class DocStore:
         }
 
     def remove(self, doc_id: str) -> DocumentRecord:
+        doc_id = storable_id(doc_id)
         record = self.get(doc_id)
         if record is None:
             known = [r.doc_id for r in self.documents()][:10]
@@ -274,18 +263,40 @@ class DocStore:
         self.flush()
         return record
 
-    def collect_garbage(self) -> int:
-        """Delete chunks of versions that never went live (an interrupted ingestion)."""
-        live = set(self.live_versions().values())
-        stale = {
-            row["version"]
-            for row in self.iterate(CHUNKS, "", ["version"])
-            if row["version"] not in live
-        }
+    def collect_garbage(
+        self,
+        counts: dict[tuple[str, str], int] | None = None,
+        min_age_s: float = GC_MIN_AGE_S,
+    ) -> int:
+        """Delete chunks that no registry row names (an interrupted ingestion, a replaced
+        version a crashed writer did not delete); returns how many (document, version)
+        pairs went.
+
+        The registry is read after the chunks and right before deleting, so a version that
+        went live meanwhile is kept; versions younger than `min_age_s` are kept too, as some
+        writer may be about to name them. `counts` is chunk_counts() when the caller has it.
+        """
+        counts = self.chunk_counts() if counts is None else counts
+        live = self._registry_versions()
+        stale: dict[str, list[str]] = {}
+        for doc_id, version in counts:
+            if live.get(doc_id) != version and version_age(version) >= min_age_s:
+                stale.setdefault(version, []).append(doc_id)
         if stale:
-            self.client.delete(CHUNKS, filter=f"version in {_literal(sorted(stale))}")
+            self._delete_pairs(stale)
             self.flush()
-        return len(stale)
+        return sum(len(ids) for ids in stale.values())
+
+    def _delete_pairs(self, pairs: dict[str, list[str]]) -> None:
+        """Delete the chunks of these documents in these versions (version -> doc_ids).
+
+        Versions are shared by a batch: never delete a whole version, which other documents
+        may still have live."""
+        for version, doc_ids in sorted(pairs.items()):
+            for start in range(0, len(doc_ids), 1000):
+                names = _literal(sorted(doc_ids[start : start + 1000]))
+                where = f"version == {_literal(version)} and doc_id in {names}"
+                self.client.delete(CHUNKS, filter=where)
 
     def flush(self) -> None:
         # Sealing segments builds their indexes: searches over unflushed rows are brute
@@ -335,6 +346,7 @@ class DocStore:
 
     def chunks_of(self, doc_id: str) -> list[Hit]:
         """All live chunks of one document, in order (for strategies that read it whole)."""
+        doc_id = storable_id(doc_id)
         version = self.live_versions().get(doc_id)
         if version is None:
             raise InputError(f"no document {doc_id!r} in {self.uri}")
