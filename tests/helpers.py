@@ -22,13 +22,19 @@ CHROMIUM_ARGS = [
 
 
 @contextlib.contextmanager
-def live_server(app):
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+def live_server(app, host: str = "127.0.0.1", **options):
+    """Serve `app` with uvicorn on a free port of `host` in a thread; yields the base URL.
+
+    uvicorn is configured as `lmstack serve` configures it; `options` are uvicorn_config's
+    (header_timeout, keep_alive_timeout, limit_concurrency).
+    """
     import uvicorn
 
+    from lmstack.server.cli import uvicorn_config
+
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    sock.bind((host, 0))
+    config = uvicorn_config(app, log_level="warning", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -37,7 +43,7 @@ def live_server(app):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://{host}:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
@@ -121,3 +127,43 @@ def chromium():
             yield browser
         finally:
             browser.close()
+
+
+BOUNDARY = "lmstack-test-boundary"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def multipart_head(filename: bytes, field: str = "files") -> bytes:
+    """One file part's head with `filename` as raw bytes: no client escapes or strips it."""
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="'.encode()
+        + filename
+        + b'"\r\nContent-Type: text/plain\r\n\r\n'
+    )
+
+
+def multipart_body(files: list[tuple[bytes, bytes]]) -> bytes:
+    """A multipart/form-data body (Content-Type: MULTIPART) of (raw filename, data) parts."""
+    out = b"".join(multipart_head(name) + data + b"\r\n" for name, data in files)
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+def make_ratings_db(path: Path) -> dict[str, str]:
+    """A ratings.db with raters alice and bob, one comparison each: {name: token}."""
+    from lmstack.align.ratings import Comparison, RatingStore
+
+    store = RatingStore(path, create=True)
+    tokens = {name: store.add_rater(name) for name in ("alice", "bob")}
+    messages = [{"role": "user", "content": "My invoice was charged twice. What now?"}]
+    common = dict(prompt_id="p1", split="reward_train", kind="main", messages=messages)
+    store.add_comparisons(
+        [
+            Comparison(
+                id=f"p1:{x}", a_text="Refunded.", b_text="Wait.", a_label="A", b_label=x, **common
+            )  # fmt: skip
+            for x in ("B", "C")
+        ]
+    )
+    store.assign([("p1:B", "alice", "primary"), ("p1:C", "bob", "primary")])
+    store.close()
+    return tokens

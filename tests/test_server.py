@@ -232,7 +232,7 @@ ERRORS = [
     ("/v1/completions", {"prompt": "hi", "temperature": [1]}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "gpt-4o"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, "max_tokens must be >= 1"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "context window of 8192"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400, "8192 .--max-output-tokens"),
     ("/v1/completions", _invalid_utf8(), 400, "UTF-8"),
     ("/v1/completions", {"prompt": [17] * 9000}, 400, "9000 tokens.*8192"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be in"),
@@ -272,7 +272,9 @@ def test_oversized_bodies_get_413(http):
         for _ in range(30):
             yield b"a" * 100_000
 
-    r = http.post("/v1/completions", content=chunked())
+    r = http.post(
+        "/v1/completions", content=chunked(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 

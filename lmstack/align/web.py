@@ -20,6 +20,7 @@ from lmstack.align.ratings import CRITERIA, AuthError, NotFoundError, RatingStor
 from lmstack.errors import InputError
 
 STATIC = Path(__file__).parent / "static"
+MAX_NOTE_CHARS = 2000  # `lmstack serve --max-note-chars`
 
 
 class RatingBody(BaseModel):
@@ -33,7 +34,7 @@ def _token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def rate_router(db_path: str | Path) -> APIRouter:
+def rate_router(db_path: str | Path, max_note_chars: int = MAX_NOTE_CHARS) -> APIRouter:
     store = RatingStore(db_path)
     router = APIRouter()
 
@@ -83,6 +84,12 @@ def rate_router(db_path: str | Path) -> APIRouter:
     @router.post("/rate/api/ratings")
     async def post_rating(request: Request, body: RatingBody):
         name = rater(request)
+        if body.note is not None and len(body.note) > max_note_chars:
+            raise HTTPException(
+                400,
+                f"note is {len(body.note)} characters, the limit is {max_note_chars} "
+                "(--max-note-chars)",
+            )
         try:
             await run_in_threadpool(store.rate, name, body.comparison_id, body.choice, body.note)
         except NotFoundError as exc:

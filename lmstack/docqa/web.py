@@ -3,6 +3,7 @@
     GET    /v1/docs            {"store", "documents": [...], "chunks", "tokens"}
     POST   /v1/docs            multipart/form-data, one or more `files` -> the ingest report
     DELETE /v1/docs/{doc_id}   {"deleted", "chunks"}
+                               (both with `X-Requested-With: lmstack`: see server/admission.py)
     POST   /v1/docs/search     {query, top_k, mode} -> [Hit.as_json(), ...]
     POST   /v1/ask             {question, strategy, top_k, mode, doc_id, max_tokens, stream}
                                -> Answer.as_json(), or SSE: {"delta"} events, then the
@@ -23,7 +24,9 @@ import os
 import shutil
 import tempfile
 import threading
+import unicodedata
 from pathlib import Path
+from typing import BinaryIO
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -35,6 +38,7 @@ from lmstack.server.sse import DONE, SSEResponse, error_event
 
 DEFAULT_STORE = "./lmstack-docs.db"
 MAX_UPLOAD_FILES = 100
+MAX_FILE_NAME_BYTES = 255  # in UTF-8: a file name's limit on ext4, XFS and most others
 MAX_ANSWER_TOKENS = 500  # the Answerer's default answer reserve
 
 
@@ -111,16 +115,17 @@ class DocsService:
             "tokens": sum(r.tokens for r in records),
         }
 
-    def ingest(self, files: list[tuple[str, bytes]]) -> dict:
-        """Save the uploads under their own names in a temporary folder and ingest them."""
+    def ingest(self, files: list[tuple[str, BinaryIO]]) -> dict:
+        """Save the uploads under their own names in a temporary folder and ingest them.
+
+        `files` are (name as sent, the spooled upload): copied in blocks, never read whole.
+        """
         from lmstack.docqa.embed import Embedder
         from lmstack.docqa.ingest import Ingestor
 
         names: list[str] = []
         for given, _ in files:
-            name = Path((given or "").replace("\\", "/")).name
-            if not name or name.startswith("."):
-                raise InputError(f"file name {given!r} is empty or hidden: name the file")
+            name = upload_name(given)
             if name in names:
                 raise InputError(f"file name {name!r} appears twice in one upload")
             names.append(name)
@@ -128,7 +133,9 @@ class DocsService:
         try:
             paths = []
             for name, (_, data) in zip(names, files):
-                (folder / name).write_bytes(data)
+                data.seek(0)
+                with open(folder / name, "wb") as out:
+                    shutil.copyfileobj(data, out, 1 << 20)
                 paths.append(folder / name)
             with self.write_lock:
                 ingestor = Ingestor(self.store, Embedder.shared(), self.generator.tokenizer)
@@ -203,6 +210,24 @@ class DocsService:
         return answerer.ask(request.question, request.strategy, on_text, request.doc_id)
 
 
+def upload_name(given: str) -> str:
+    """The name an upload is saved and listed under, or a 400 saying what is wrong with it."""
+    shown = repr(given) if len(given) <= 80 else repr(given[:60]) + f"... ({len(given)} chars)"
+    control = next((c for c in given if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise InputError(f"file name {shown} contains the control character {control!r}")
+    if "/" in given or "\\" in given:
+        raise InputError(f"file name {shown} contains a path separator: send the bare name")
+    if not given.strip() or given.startswith("."):
+        raise InputError(f"file name {shown} is empty or hidden: name the file")
+    size = len(given.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_NAME_BYTES:
+        raise InputError(
+            f"file name {shown} is {size} bytes in UTF-8, the limit is {MAX_FILE_NAME_BYTES}"
+        )
+    return given
+
+
 def docs_router(async_engine, store: str | None = None) -> APIRouter:
     from lmstack.server.app import _parse  # here: app.py imports this module
     from lmstack.server.state import APIError
@@ -221,15 +246,18 @@ def docs_router(async_engine, store: str | None = None) -> APIRouter:
             raise APIError(
                 400, f"upload files as multipart/form-data ('files' fields), got {kind!r}"
             )
+        # Starlette spools each file to disk past 1 MB, so the body is never held in memory;
+        # admission counts its bytes (--max-upload-bytes) and its time (--body-timeout).
         form = await request.form(max_files=MAX_UPLOAD_FILES)
         try:
             uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             if not uploads:
                 raise APIError(400, "the upload holds no files: send them as 'files' fields")
-            files = [(u.filename or "", await u.read()) for u in uploads]
+            files = [(u.filename or "", u.file) for u in uploads]
+            # Parsing, chunking, embedding and the store's writes: all in a worker thread.
+            return await run_in_threadpool(service.ingest, files)
         finally:
             await form.close()
-        return await run_in_threadpool(service.ingest, files)
 
     @router.delete("/v1/docs/{doc_id:path}")
     async def remove(doc_id: str):

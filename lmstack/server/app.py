@@ -1,17 +1,17 @@
 """The OpenAI-compatible HTTP app around one AsyncLLMEngine (vLLM's OpenAI server, small).
 
-Admission happens in one ASGI middleware in front of /v1 (drain -> 503, API key -> 401,
-body size -> 413) so a refused request costs nothing; the routes then parse the body
-themselves, which keeps every error, malformed JSON and bad UTF-8 included, a 400 in
-OpenAI's shape instead of FastAPI's 422.
+Admission happens in one ASGI middleware in front of every route (admission.py: cross-site
+checks -> 403/415, drain -> 503, API key -> 401, uploads -> 429, body size and time ->
+413/408) so a refused request costs nothing; the routes then parse the body themselves, which
+keeps every error, malformed JSON and bad UTF-8 included, a 400 in OpenAI's shape instead of
+FastAPI's 422.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
-import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,22 +22,19 @@ from starlette.exceptions import HTTPException
 
 from lmstack.engine.async_engine import AsyncLLMEngine
 from lmstack.engine.scheduler import QueueFullError
-from lmstack.errors import ContextLengthError, LmstackError
+from lmstack.errors import ContextLengthError, EngineDeadError, InputError, LmstackError
 from lmstack.server import protocol as p
+from lmstack.server.admission import AdmissionMiddleware, allowed_origins
+from lmstack.server.bodies import check_json_depth, request_limits
+from lmstack.server.limits import RequestLimits
 from lmstack.server.metrics import ServerMetrics
 from lmstack.server.serving import chat_response, completion_response
-from lmstack.server.state import APIError, RequestRecord, ServerState
+from lmstack.server.state import APIError, RequestRecord, ServerState, error_response
 
 logger = logging.getLogger("lmstack.server")
 
 # A full queue drains at the pace of finishing requests: about a second is a fair first retry.
 RETRY_AFTER_S = 1
-
-
-def error_response(status: int, message: str, kind: str, param=None, code=None, headers=None):
-    info = p.ErrorInfo(message=message, type=kind, param=param, code=code)
-    body = p.ErrorResponse(error=info).model_dump()
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(
@@ -47,147 +44,56 @@ def create_app(
     max_body_bytes: int = 1_000_000,
     docs_store: str | None = None,
     max_upload_bytes: int = 50_000_000,
+    limits: RequestLimits | None = None,
+    *,
+    body_timeout: float = 60.0,
+    max_concurrent_uploads: int = 2,
+    allowed_origin: list[str] | tuple[str, ...] = (),
+    metrics_public: bool = False,
+    ratings_db: str | Path | None = None,
+    max_note_chars: int = 2000,
 ) -> FastAPI:
-    """The app for one engine; several apps may share an engine (each has its own metrics)."""
+    """The app for one engine; several apps may share an engine (each has its own metrics).
+
+    With `ratings_db` it also serves the rating page and its API (/rate, lmstack/align).
+    """
+    if api_key is not None and not api_key.strip():
+        raise InputError(
+            "--api-key is empty (LMSTACK_API_KEY too?): give a key, or leave both unset"
+        )
     state = ServerState(
         engine=engine,
         served_model_name=served_model_name,
-        api_key=api_key or None,
+        api_key=api_key,
         max_body_bytes=max_body_bytes,
         metrics=ServerMetrics(engine),
         renderer=p.TokenRenderer(engine.tokenizer),
         max_request_tokens=engine.engine.max_request_tokens,
+        limits=(limits or RequestLimits()).resolved(engine.engine.max_request_tokens),
+        body_timeout_s=body_timeout,
+        max_concurrent_uploads=max_concurrent_uploads,
+        allowed_origins=allowed_origins(allowed_origin),
+        metrics_public=metrics_public,
     )
     app = FastAPI(title="lmstack", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.server = state
     app.add_middleware(AdmissionMiddleware, state=state)
+    if state.allowed_origins:  # outside admission: preflights and refusals get CORS headers
+        from starlette.middleware.cors import CORSMiddleware
+
+        headers = ["authorization", "content-type", "x-requested-with"]
+        origins = list(state.allowed_origins)
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=headers
+        )
     _add_error_handlers(app, state)
     _add_routes(app, state)
     _add_web(app, state, docs_store, max_upload_bytes)
+    if ratings_db is not None:  # preference collection (lmstack/align): /rate, /rate/qc
+        from lmstack.align.web import rate_router
+
+        app.include_router(rate_router(ratings_db, max_note_chars))
     return app
-
-
-# ---------------------------------------------------------------------------- admission
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its request body arrived."""
-
-
-class AdmissionMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware, which buffers streams and hides disconnects).
-
-    Refuses before reading the body, buffers the body within --max-body-bytes, counts the
-    requests in flight for the drain, and logs one JSON line per /v1 request.
-    """
-
-    def __init__(self, app, state: ServerState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        state = self.state
-        record = RequestRecord(scope["method"], scope["path"])
-        scope["lmstack.record"] = record
-        started = time.monotonic()
-
-        async def send_logged(message) -> None:
-            if message["type"] == "http.response.start":
-                record.status = message["status"]
-            await send(message)
-
-        admitted = False
-        try:
-            refusal = self._refusal(scope)
-            body = None
-            if refusal is None:
-                admitted = True
-                state.in_flight += 1
-                body, refusal = await self._read_body(scope, receive)
-            if refusal is not None:
-                record.error = json.loads(refusal.body)["error"]["message"]
-                await refusal(scope, receive, send_logged)
-            else:
-                await self.app(scope, _replay(body, receive), send_logged)
-        except _ClientGone:
-            record.status = 499  # nginx's "client closed request"
-        except Exception:
-            record.status = record.status or 500  # answered by Starlette's outer error handler
-            raise
-        finally:
-            state.in_flight -= admitted
-            record.latency_s = round(time.monotonic() - started, 4)
-            record.emit()
-
-    def _refusal(self, scope) -> Response | None:
-        state = self.state
-        if state.draining:
-            state.metrics.rejected.labels(reason="draining").inc()
-            return error_response(503, "server is shutting down", "service_unavailable")
-        if state.api_key is not None:
-            auth = _header(scope, b"authorization") or b""
-            scheme, _, given = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(
-                given.strip(), state.api_key.encode()
-            ):
-                return error_response(
-                    401,
-                    "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                    "authentication_error",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return None
-
-    async def _read_body(self, scope, receive) -> tuple[bytes | None, Response | None]:
-        """The whole body, counted as it streams in (Content-Length may be absent or lie)."""
-        default = (self.state.max_body_bytes, "--max-body-bytes")
-        limit, option = self.state.body_limits.get((scope["method"], scope["path"]), default)
-        declared = _header(scope, b"content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            return None, _too_large(f"request body is {int(declared)} bytes", limit, option)
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                # uvicorn reads and drops the rest, so the client still gets to read the 413.
-                return None, _too_large("request body is larger than that", limit, option)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(chunks), None
-
-
-def _too_large(what: str, limit: int, option: str = "--max-body-bytes") -> Response:
-    message = f"the limit is {limit} bytes ({option}); {what}"
-    return error_response(413, message, "invalid_request_error", code="body_too_large")
-
-
-def _header(scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
-
-
-def _replay(body: bytes, receive):
-    """receive() that hands the buffered body to the app, then passes through (disconnects)."""
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 # ---------------------------------------------------------------------------- errors
@@ -202,6 +108,8 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(LmstackError)
     async def input_error(request: Request, exc: LmstackError):
         _record(request).error = str(exc)
+        if isinstance(exc, EngineDeadError):  # the step thread stopped: a restart is needed
+            return error_response(503, str(exc), "server_error", None, "engine_dead")
         if isinstance(exc, QueueFullError):
             state.metrics.rejected.labels(reason="queue_full").inc()
             headers = {"Retry-After": str(RETRY_AFTER_S)}
@@ -237,6 +145,7 @@ async def _parse(request: Request, model: type[BaseModel]):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"request body is not valid UTF-8 (byte {exc.start})") from exc
+    check_json_depth(text, request_limits(request).max_json_depth)
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
@@ -301,6 +210,7 @@ def _add_web(app: FastAPI, state: ServerState, docs_store: str | None, upload_by
     from lmstack.server.ui import add_web_page
 
     state.body_limits[("POST", "/v1/docs")] = (upload_bytes, "--max-upload-bytes")
+    state.upload_routes.add(("POST", "/v1/docs"))
     app.include_router(docs_router(state.engine, docs_store))
     app.include_router(attention_router(state.engine))
     add_web_page(app)

@@ -89,6 +89,8 @@ class Generation:
         async for i, out in self.outputs():
             logprobs[i].extend(out.new_logprobs or ())
         failed = [f.error for f in self.finals if f is not None and f.finish_reason == "error"]
+        if failed and not self.state.engine.is_alive:  # the step thread died under it
+            raise APIError(503, failed[0], "server_error", code="engine_dead")
         if failed:
             raise APIError(500, f"generation failed: {failed[0]}", "server_error")
         return self.finals, logprobs  # type: ignore[return-value]

@@ -18,6 +18,7 @@ from lmstack.engine.sampling_params import SamplingParams
 from lmstack.errors import InputError
 from lmstack.server import protocol as p
 from lmstack.server.generation import Generation
+from lmstack.server.limits import check_messages, check_prompt_tokens, check_request
 from lmstack.server.sse import DONE, SSEResponse, error_event, event
 from lmstack.server.state import RequestRecord, ServerState
 
@@ -93,14 +94,19 @@ async def _respond(
 async def chat_response(
     state: ServerState, request: Request, body: p.ChatCompletionRequest, record: RequestRecord
 ) -> Response:
-    body.check_counts()
+    limits = state.limits
+    check_request(body, limits)
     if not body.messages:
         raise InputError("messages must hold at least one message")
+    check_messages(body.messages, limits)
     tok = state.engine.tokenizer
     messages = [m.as_template_message(i) for i, m in enumerate(body.messages)]
-    prompt_ids = tok.encode(tok.apply_chat_template(messages, body.add_generation_prompt))
+    # Message text is encoded as text: only the template's own markup becomes control tokens.
+    prompt_ids = tok.encode_chat(messages, body.add_generation_prompt)
+    check_prompt_tokens(len(prompt_ids), body.n, limits)
     requested = body.requested_max_tokens()
-    max_tokens = state.room(len(prompt_ids)) if requested is None else requested
+    default = min(state.room(len(prompt_ids)), limits.max_output_tokens)
+    max_tokens = default if requested is None else requested
     logprobs = body.engine_logprobs()
     params = [body.sampling_params(max_tokens, logprobs, i) for i in range(body.n)]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -168,19 +174,22 @@ async def _chat_events(
 async def completion_response(
     state: ServerState, request: Request, body: p.CompletionRequest, record: RequestRecord
 ) -> Response:
+    limits = state.limits
+    batch = body.prompts()
+    check_request(body, limits, len(batch))
     tok = state.engine.tokenizer
-    prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in body.prompts()]
-    body.check_counts(len(prompts))
+    prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in batch]
+    prompt_tokens = sum(map(len, prompts))
+    check_prompt_tokens(prompt_tokens, body.n, limits)
     engine_prompts, params = [], []
     for ids in prompts:
-        default = min(COMPLETION_DEFAULT_MAX_TOKENS, state.room(len(ids)))
+        default = min(COMPLETION_DEFAULT_MAX_TOKENS, state.room(len(ids)), limits.max_output_tokens)
         max_tokens = default if body.max_tokens is None else body.max_tokens
         for _ in range(body.n):
             # Choice index over all prompts: prompt k's choices are k*n .. k*n + n-1.
             params.append(body.sampling_params(max_tokens, body.logprobs, len(params)))
             engine_prompts.append(ids)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    prompt_tokens = sum(map(len, prompts))
     await _compile_grammar(state, params[0])
     gen = Generation(state, request_id, engine_prompts, params, body, record, prompt_tokens)
 

@@ -7,11 +7,21 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+from fastapi.responses import JSONResponse
+
 from lmstack.engine.async_engine import AsyncLLMEngine
 from lmstack.server import protocol as p
+from lmstack.server.limits import RequestLimits
 from lmstack.server.metrics import ServerMetrics
 
 logger = logging.getLogger("lmstack.server")
+
+
+def error_response(status: int, message: str, kind: str, param=None, code=None, headers=None):
+    """A JSONResponse in OpenAI's error shape: {"error": {message, type, param, code}}."""
+    info = p.ErrorInfo(message=message, type=kind, param=param, code=code)
+    body = p.ErrorResponse(error=info).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class APIError(Exception):
@@ -58,11 +68,21 @@ class ServerState:
     metrics: ServerMetrics
     renderer: p.TokenRenderer
     max_request_tokens: int  # prompt + output: the context window or the KV pool, if smaller
+    limits: RequestLimits = field(default_factory=RequestLimits)  # resolved by create_app
     draining: bool = False
-    in_flight: int = 0  # /v1 requests admitted and not yet answered
+    in_flight: int = 0  # /v1 and /rate/api requests admitted and not yet answered
     # (method, path) -> (bytes, the option that sets it): routes that take larger bodies
     # than --max-body-bytes, e.g. document uploads.
     body_limits: dict[tuple[str, str], tuple[int, str]] = field(default_factory=dict)
+    # Upload routes: they read their body as it streams in (spooled to disk, not held in
+    # memory) while admission counts its bytes and holds it to --body-timeout; at most
+    # max_concurrent_uploads of them run at once.
+    upload_routes: set[tuple[str, str]] = field(default_factory=set)
+    body_timeout_s: float = 60.0  # the whole body, from the end of the request head
+    allowed_origins: tuple[str, ...] = ()  # scheme://host[:port], beside the served host
+    metrics_public: bool = False  # with an API key, /metrics needs it too unless set
+    max_concurrent_uploads: int = 2
+    uploads_running: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
     def room(self, prompt_tokens: int) -> int:

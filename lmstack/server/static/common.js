@@ -18,8 +18,10 @@ export function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// X-Requested-With: the server takes uploads and deletes (no JSON body) only with it, which a
+// page on another site cannot send without the server's leave (a CORS preflight).
 export function authHeaders(json = true) {
-  const headers = {};
+  const headers = { "X-Requested-With": "lmstack" };
   if (json) headers["Content-Type"] = "application/json";
   const key = localStorage.getItem("lmstack-api-key");
   if (key) headers.Authorization = `Bearer ${key}`;
