@@ -17,7 +17,7 @@ from lmstack.bench.cli import bench_app
 from lmstack.docqa.cli import ask_command, docs_app
 from lmstack.errors import LmstackError
 from lmstack.plan_cli import plan_app
-from lmstack.server.cli import serve_command
+from lmstack.serve import serve_command
 from lmstack.triage.cli import triage_app
 
 app = typer.Typer(

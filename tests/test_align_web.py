@@ -15,8 +15,8 @@ import pytest
 from fastapi import FastAPI
 from helpers import chromium, live_server
 
+from lmstack.align.api import rate_router
 from lmstack.align.ratings import Comparison, RatingStore
-from lmstack.align.web import rate_router
 
 pytestmark = pytest.mark.slow
 

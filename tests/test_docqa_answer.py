@@ -10,11 +10,11 @@ from helpers import live_server, run_cli
 from lmstack.config import data_dir
 from lmstack.docqa.answer import DONT_KNOW, Answerer, attach_citations, is_abstention
 from lmstack.docqa.assemble import assemble
-from lmstack.docqa.embed import Embedder
 from lmstack.docqa.ingest import Ingestor
 from lmstack.docqa.records import Hit
 from lmstack.docqa.retrieve import Retriever
 from lmstack.docqa.store import DocStore
+from lmstack.embed import Embedder
 from lmstack.errors import ContextLengthError, InputError
 
 NIST = data_dir() / "nist-sp800-63-3"

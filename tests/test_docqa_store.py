@@ -10,11 +10,11 @@ import pytest
 from helpers import make_pdf, run_cli
 
 from lmstack.config import data_dir
-from lmstack.docqa.embed import Embedder
 from lmstack.docqa.ingest import Ingestor
 from lmstack.docqa.records import Hit
 from lmstack.docqa.retrieve import Retriever, fuse, relative_fuse
 from lmstack.docqa.store import DocStore
+from lmstack.embed import Embedder
 from lmstack.errors import InputError
 
 NIST = data_dir() / "nist-sp800-63-3"

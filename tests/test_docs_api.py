@@ -11,7 +11,7 @@ import pytest
 from helpers import live_server, make_pdf
 
 from lmstack.config import data_dir
-from lmstack.server.app import create_app
+from lmstack.serve import build_app
 
 NIST = data_dir() / "nist-sp800-63-3"
 UPLOAD_LIMIT = 100_000  # small, so the 413 test sends little
@@ -30,7 +30,7 @@ def engine():
 @pytest.fixture(scope="module")
 def http(engine, tmp_path_factory):
     store = tmp_path_factory.mktemp("docs") / "docs.db"
-    app = create_app(engine, "m", docs_store=str(store), max_upload_bytes=UPLOAD_LIMIT)
+    app = build_app(engine, "m", docs_store=str(store), max_upload_bytes=UPLOAD_LIMIT)
     # The header the bundled page sends: uploads and deletes need it (cross-site defence).
     marked = {"X-Requested-With": "lmstack"}
     with live_server(app) as url, httpx.Client(base_url=url, timeout=300, headers=marked) as client:
@@ -78,7 +78,7 @@ def test_page_and_its_scripts_are_served(http):
 
 
 def test_an_empty_store_is_a_400_that_says_so(engine, tmp_path):
-    app = create_app(engine, "m", docs_store=str(tmp_path / "empty.db"))
+    app = build_app(engine, "m", docs_store=str(tmp_path / "empty.db"))
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         library = client.get("/v1/docs").json()
         assert library["documents"] == [] and library["chunks"] == 0
@@ -195,7 +195,7 @@ def test_pdf_hits_and_citations_carry_their_page(http, uploaded):
 
 
 def test_the_api_key_guards_the_document_routes_but_not_the_page(engine, tmp_path):
-    app = create_app(engine, "m", api_key="sesame", docs_store=str(tmp_path / "k.db"))
+    app = build_app(engine, "m", api_key="sesame", docs_store=str(tmp_path / "k.db"))
     with live_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/").status_code == 200
         assert client.get("/static/app.js").status_code == 200

@@ -4,8 +4,7 @@ Every module's imports (function-level ones included) are parsed, not executed. 
 import its own package and the layers its layer allows; apps never import each other, the
 server never imports an app, and apps reach models through lmstack.llm / lmstack.models only.
 
-KNOWN lists the violations the structure move has yet to remove: a new violation fails, and
-so does a listed one that is gone (the list only shrinks).
+KNOWN would list accepted exceptions; it is empty, and a violation that appears fails.
 """
 
 from __future__ import annotations
@@ -20,12 +19,15 @@ ROOT = Path(lmstack.__file__).parent
 # Packages/modules by layer; a name maps to the first entry it starts with.
 LAYER_OF = {
     "lmstack.errors": "base",
+    "lmstack.httpapi": "base",  # OpenAI-shaped errors, JSON bodies, SSE: for every router
     "lmstack.config": "base",
     "lmstack.cpu": "base",
     "lmstack.kernels": "kernels",
     "lmstack.model": "model",
     "lmstack.models": "models",
-    "lmstack.explain": "model",  # attention explained on the model's own internals
+    "lmstack.embed": "models",  # the sentence embedder docqa and triage share
+    "lmstack.explain": "explain",  # attention explained on the model's own internals
+    "lmstack.explain_api": "explain",
     "lmstack.engine": "engine",
     "lmstack.server": "server",
     "lmstack.llm": "llm",
@@ -37,7 +39,8 @@ LAYER_OF = {
     "lmstack.plan_cli": "root",
     "lmstack.textgen": "root",
     "lmstack.cli": "root",
-    "lmstack.serve": "root",
+    "lmstack.serve": "root",  # the composition root
+    "lmstack.page": "root",  # the web page over every app's routes
     "lmstack": "root",  # the package itself: the public API (LLM, SamplingParams)
 }
 ALLOWED = {
@@ -45,21 +48,25 @@ ALLOWED = {
     "kernels": {"base"},
     "model": {"base", "kernels"},
     "models": {"base", "model"},
+    "explain": {"base", "kernels", "model"},
     "engine": {"base", "kernels", "model"},
     "server": {"base", "kernels", "model", "engine"},
     "llm": {"base", "model", "engine"},
     "app": {"base", "llm", "models"},
-    "root": {"base", "kernels", "model", "models", "engine", "server", "llm", "app", "root"},
+    "root": {
+        "base",
+        "kernels",
+        "model",
+        "models",
+        "explain",
+        "engine",
+        "server",
+        "llm",
+        "app",
+        "root",
+    },
 }
-KNOWN = {
-    ("lmstack.docqa.web", "lmstack.server.app"),
-    ("lmstack.docqa.web", "lmstack.server.sse"),
-    ("lmstack.docqa.web", "lmstack.server.state"),
-    ("lmstack.server.app", "lmstack.align.web"),
-    ("lmstack.server.app", "lmstack.docqa.web"),
-    ("lmstack.server.app", "lmstack.triage.service"),
-    ("lmstack.triage.classifier", "lmstack.docqa.embed"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -267,9 +267,9 @@ def test_cli_eval_reports_metrics_and_plots(shared_generator, capsys, tmp_path: 
 
 
 def test_http_triage_on_the_servers_engine(generator):
-    from lmstack.server.app import create_app
+    from lmstack.serve import build_app
 
-    app = create_app(generator.async_engine, "triage-test")
+    app = build_app(generator.async_engine, "triage-test")
     with live_server(app) as url, httpx.Client(base_url=url, timeout=300) as http:
         response = http.post(
             "/v1/triage",

@@ -13,7 +13,7 @@ import pytest
 from helpers import chromium, live_server, wait_for
 
 from lmstack.config import data_dir
-from lmstack.server.app import create_app
+from lmstack.serve import build_app
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def server(tmp_path_factory):
     engine = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=8192)
     store = tmp_path_factory.mktemp("ui") / "docs.db"
     try:
-        with live_server(create_app(engine, "m", docs_store=str(store))) as url:
+        with live_server(build_app(engine, "m", docs_store=str(store))) as url:
             yield url
     finally:
         engine.shutdown()

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from lmstack.docqa.documents import expand, read_path
-from lmstack.docqa.embed import Embedder
 from lmstack.docqa.evaluate import load_questions
 from lmstack.docqa.ingest import Ingestor
 from lmstack.docqa.retrieve import MODES, Retriever
 from lmstack.docqa.store import DocStore
+from lmstack.embed import Embedder
 
 
 def _passages(folder: Path, count: int, words: int, seed: int = 0) -> list[str]:

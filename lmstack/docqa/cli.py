@@ -35,8 +35,8 @@ FUSION_HELP = "How hybrid merges dense and BM25: rrf (reciprocal rank) or relati
 
 
 def _retriever(store: str, fusion: str = "rrf"):
-    from lmstack.docqa.embed import Embedder
     from lmstack.docqa.retrieve import Retriever
+    from lmstack.embed import Embedder
 
     return Retriever(_store(store), Embedder.shared(), fusion)
 
@@ -62,8 +62,8 @@ def add_command(
     """Add or update documents: PDF, Markdown, HTML, text, JSONL corpora."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from lmstack.docqa.embed import Embedder
     from lmstack.docqa.ingest import Ingestor
+    from lmstack.embed import Embedder
     from lmstack.models import tokenizer
 
     doc_store = _store(store)

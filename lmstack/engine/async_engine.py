@@ -105,6 +105,27 @@ class AsyncLLMEngine:
     def precision(self) -> dict:
         return self.engine.precision
 
+    # What a server or an app needs of the engine, so none reaches into `.engine`.
+
+    @property
+    def model_name(self) -> str:
+        """The model as configured: 'bundled', a .gguf file or an HF directory."""
+        return str(self.engine.config.model or "bundled")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + output) one request can hold: window and KV pool."""
+        return self.engine.max_request_tokens
+
+    def compile_grammar(self, structured) -> None:
+        """Compile (and cache) a structured-output grammar, raising InputError for a bad
+        one; slow for large schemas, so servers call it in a worker thread."""
+        self.engine.grammar.compile(structured)
+
     @property
     def is_alive(self) -> bool:
         return self.dead is None and self._thread.is_alive()

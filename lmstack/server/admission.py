@@ -32,7 +32,8 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from lmstack.errors import InputError
-from lmstack.server.state import RequestRecord, ServerState, error_response
+from lmstack.httpapi import error_response
+from lmstack.server.state import RequestRecord, ServerState
 
 WORK_PREFIXES = ("/v1/", "/rate/api/")  # drained, counted in flight, logged
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 
 from lmstack.engine.outputs import RequestOutput, TokenLogprob
 from lmstack.engine.sampling_params import SamplingParams
+from lmstack.httpapi import APIError
 from lmstack.server import protocol as p
 from lmstack.server.metrics import queue_time
-from lmstack.server.state import APIError, RequestRecord, ServerState
+from lmstack.server.state import RequestRecord, ServerState
 
 
 class Generation:

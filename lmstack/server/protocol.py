@@ -193,17 +193,6 @@ class UsageInfo(OpenAIModel):
     total_tokens: int = 0
 
 
-class ErrorInfo(OpenAIModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(OpenAIModel):
-    error: ErrorInfo
-
-
 class ModelCard(OpenAIModel):
     id: str
     object: Literal["model"] = "model"

@@ -16,10 +16,10 @@ from pydantic import BaseModel
 from lmstack.engine.outputs import RequestOutput, TokenLogprob
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.errors import InputError
+from lmstack.httpapi import DONE, SSEResponse, error_event, event
 from lmstack.server import protocol as p
 from lmstack.server.generation import Generation
 from lmstack.server.limits import check_messages, check_prompt_tokens, check_request
-from lmstack.server.sse import DONE, SSEResponse, error_event, event
 from lmstack.server.state import RequestRecord, ServerState
 
 logger = logging.getLogger("lmstack.server")
@@ -56,7 +56,7 @@ async def _compile_grammar(state: ServerState, params: SamplingParams) -> None:
     thread-safe and caches by schema.
     """
     if params.structured is not None:
-        await asyncio.to_thread(state.engine.engine.grammar.compile, params.structured)
+        await asyncio.to_thread(state.engine.compile_grammar, params.structured)
 
 
 async def _respond(

@@ -1,4 +1,4 @@
-"""What every route shares: the server's state, the per-request log record, API errors."""
+"""What every route of the OpenAI server shares: its state and the per-request log record."""
 
 from __future__ import annotations
 
@@ -7,36 +7,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-from fastapi.responses import JSONResponse
-
 from lmstack.engine.async_engine import AsyncLLMEngine
 from lmstack.server import protocol as p
 from lmstack.server.limits import RequestLimits
 from lmstack.server.metrics import ServerMetrics
 
 logger = logging.getLogger("lmstack.server")
-
-
-def error_response(status: int, message: str, kind: str, param=None, code=None, headers=None):
-    """A JSONResponse in OpenAI's error shape: {"error": {message, type, param, code}}."""
-    info = p.ErrorInfo(message=message, type=kind, param=param, code=code)
-    body = p.ErrorResponse(error=info).model_dump()
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class APIError(Exception):
-    """An error with its HTTP status and OpenAI error fields, raised anywhere in a route."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
 @dataclass

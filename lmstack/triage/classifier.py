@@ -96,7 +96,7 @@ class CategoryClassifier:
     @property
     def embedder(self):
         if self._embedder is None:
-            from lmstack.docqa.embed import Embedder
+            from lmstack.embed import Embedder
 
             self._embedder = Embedder.shared()
             if self._embedder.dimension != self.weight.shape[1]:
@@ -177,7 +177,7 @@ def shipped_classifier() -> CategoryClassifier | None:
 
 def train_classifier(out_dir: Path, config: ClassifierConfig | None = None, progress=None) -> dict:
     """Embed the train side of the split, fit the head, write it to `out_dir`."""
-    from lmstack.docqa.embed import Embedder
+    from lmstack.embed import Embedder
     from lmstack.triage.dataset import load_labelled
 
     config = config or ClassifierConfig()

@@ -83,7 +83,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from milvus_lite import server_manager_instance
 
-    from lmstack.docqa.embed import Embedder
+    from lmstack.embed import Embedder
     from lmstack.model.tokenizer import Tokenizer
     from lmstack.model.weights import resolve_model
 

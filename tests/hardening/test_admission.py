@@ -10,7 +10,7 @@ import httpx
 import pytest
 from helpers import live_server, make_ratings_db, wait_for
 
-from lmstack.server.app import create_app
+from lmstack.serve import build_app
 
 NOTE_LIMIT = 50
 
@@ -28,7 +28,7 @@ def engine():
 def served(engine, tmp_path_factory):
     folder = tmp_path_factory.mktemp("admission")
     tokens = make_ratings_db(folder / "ratings.db")
-    app = create_app(
+    app = build_app(
         engine,
         "m",
         max_body_bytes=10_000,
@@ -101,7 +101,7 @@ def test_the_drain_refuses_rating_writes_too(served):
 
 
 def test_connections_beyond_the_limit_get_503(engine):
-    with live_server(create_app(engine, "m"), limit_concurrency=3) as url:
+    with live_server(build_app(engine, "m"), limit_concurrency=3) as url:
         port = int(url.rsplit(":", 1)[1])
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         try:

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from helpers import MULTIPART, chromium, live_server, make_ratings_db, multipart_body, run_cli
 
 from lmstack.errors import InputError
-from lmstack.server.app import create_app
+from lmstack.serve import build_app
 
 ALLOWED = "https://chat.example.com"
 MARKED = {"X-Requested-With": "lmstack"}
@@ -45,7 +45,7 @@ def engine():
 def server(engine, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cross-site")
     tokens = make_ratings_db(folder / "ratings.db")
-    app = create_app(
+    app = build_app(
         engine,
         "m",
         docs_store=str(folder / "docs.db"),
@@ -182,7 +182,7 @@ def test_on_another_interface_any_host_name_passes_and_origin_is_still_checked(e
     address = outward_address()
     if address is None:
         pytest.skip("no non-loopback interface")
-    with live_server(create_app(engine, "m"), host=address) as url:
+    with live_server(build_app(engine, "m"), host=address) as url:
         port = url.rsplit(":", 1)[1]
         named = {"Host": f"lmstack.default.svc:{port}"}
         assert httpx.get(url + "/v1/models", headers=named).status_code == 200
@@ -196,7 +196,7 @@ def test_on_another_interface_any_host_name_passes_and_origin_is_still_checked(e
 
 def test_an_empty_api_key_is_a_start_up_error(engine, capsys, monkeypatch):
     with pytest.raises(InputError, match="--api-key is empty"):
-        create_app(engine, "m", api_key="")
+        build_app(engine, "m", api_key="")
     code, _, err = run_cli(["serve", "--api-key", ""], capsys)
     assert code != 0 and "--api-key is empty" in err
     monkeypatch.setenv("LMSTACK_API_KEY", "")
@@ -205,13 +205,13 @@ def test_an_empty_api_key_is_a_start_up_error(engine, capsys, monkeypatch):
 
 
 def test_with_a_key_metrics_need_it_unless_public(engine):
-    with live_server(create_app(engine, "m", api_key="sesame")) as url:
+    with live_server(build_app(engine, "m", api_key="sesame")) as url:
         message = error_of(httpx.get(url + "/metrics"), 401, "invalid_api_key")
         assert "--metrics-public" in message
         keyed = httpx.get(url + "/metrics", headers={"Authorization": "Bearer sesame"})
         assert keyed.status_code == 200 and "lmstack:" in keyed.text
         assert httpx.get(url + "/health").status_code == 200  # probes stay open
-    with live_server(create_app(engine, "m", api_key="sesame", metrics_public=True)) as url:
+    with live_server(build_app(engine, "m", api_key="sesame", metrics_public=True)) as url:
         assert httpx.get(url + "/metrics").status_code == 200
         assert httpx.get(url + "/v1/models").status_code == 401
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from lmstack.docqa.answer import Answerer
-from lmstack.docqa.embed import Embedder
 from lmstack.docqa.ingest import Ingestor
 from lmstack.docqa.retrieve import Retriever
 from lmstack.docqa.store import DocStore
+from lmstack.embed import Embedder
 from lmstack.engine.async_engine import AsyncLLMEngine
 from lmstack.llm import ChatRequest, EngineGenerator
 from lmstack.triage import Ticket, TriageConfig, Triager

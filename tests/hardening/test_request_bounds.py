@@ -146,7 +146,7 @@ def test_deep_json_nesting_is_a_400_naming_the_depth_limit(http):
 def test_depth_scan_is_linear_on_unterminated_escaped_strings():
     # '"\\"\\"...' never closes: a string pattern retried from every escaped quote is
     # quadratic (32,000 of them took 33 s); the scan must stay linear.
-    from lmstack.server.bodies import json_nesting
+    from lmstack.httpapi import json_nesting
 
     text = "[" * 70 + '"' + '\\"' * 200_000
     started = time.monotonic()

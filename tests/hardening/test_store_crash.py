@@ -181,7 +181,7 @@ def test_a_second_process_is_refused_while_the_first_holds_the_store(tmp_path, w
 
 @pytest.fixture(scope="module")
 def ingestor_parts(model):
-    from lmstack.docqa.embed import Embedder
+    from lmstack.embed import Embedder
 
     return Embedder.shared(), model[1]
 

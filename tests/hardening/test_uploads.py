@@ -16,7 +16,7 @@ import pytest
 from helpers import BOUNDARY, MULTIPART, live_server, multipart_body, multipart_head, wait_for
 
 from lmstack.config import data_dir
-from lmstack.server.app import create_app
+from lmstack.serve import build_app
 
 UPLOAD_LIMIT = 25_000_000
 MARKED = {"X-Requested-With": "lmstack"}  # what the bundled page sends with uploads
@@ -34,7 +34,7 @@ def engine():
 @pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):
     store = tmp_path_factory.mktemp("uploads") / "docs.db"
-    app = create_app(
+    app = build_app(
         engine,
         "m",
         docs_store=str(store),
@@ -190,7 +190,7 @@ def test_health_stays_fast_while_a_large_document_is_ingested(served):
 
 
 def test_a_stalled_upload_gets_a_408_and_frees_its_slot(engine, tmp_path):
-    app = create_app(engine, "m", docs_store=str(tmp_path / "d.db"), body_timeout=2)
+    app = build_app(engine, "m", docs_store=str(tmp_path / "d.db"), body_timeout=2)
     state = app.state.server
     with live_server(app) as url:
         port = int(url.rsplit(":", 1)[1])

@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from lmstack.errors import InputError
-from lmstack.server.sse import DONE, SSEResponse, error_event
+from lmstack.httpapi import DONE, SSEResponse, error_event
 
 DEFAULT_STORE = "./lmstack-docs.db"
 MAX_UPLOAD_FILES = 100
@@ -98,8 +98,8 @@ class DocsService:
             return self._generator
 
     def retriever(self):
-        from lmstack.docqa.embed import Embedder
         from lmstack.docqa.retrieve import Retriever
+        from lmstack.embed import Embedder
 
         return Retriever(self.store, Embedder.shared())
 
@@ -120,8 +120,8 @@ class DocsService:
 
         `files` are (name as sent, the spooled upload): copied in blocks, never read whole.
         """
-        from lmstack.docqa.embed import Embedder
         from lmstack.docqa.ingest import Ingestor
+        from lmstack.embed import Embedder
 
         names: list[str] = []
         for given, _ in files:
@@ -151,7 +151,7 @@ class DocsService:
         return result
 
     def remove(self, doc_id: str) -> dict:
-        from lmstack.server.state import APIError
+        from lmstack.httpapi import APIError
 
         with self.write_lock:
             if self.store.get(doc_id) is None:
@@ -229,8 +229,7 @@ def upload_name(given: str) -> str:
 
 
 def docs_router(async_engine, store: str | None = None) -> APIRouter:
-    from lmstack.server.app import _parse  # here: app.py imports this module
-    from lmstack.server.state import APIError
+    from lmstack.httpapi import APIError, parse_body
 
     service = DocsService(async_engine, store or default_store())
     router = APIRouter()
@@ -265,12 +264,12 @@ def docs_router(async_engine, store: str | None = None) -> APIRouter:
 
     @router.post("/v1/docs/search")
     async def search(request: Request):
-        body = await _parse(request, SearchRequest)
+        body = await parse_body(request, SearchRequest)
         return await run_in_threadpool(service.search, body)
 
     @router.post("/v1/ask")
     async def ask(request: Request):
-        body = await _parse(request, AskRequest)
+        body = await parse_body(request, AskRequest)
         await run_in_threadpool(service.check_ask, body)
         if not body.stream:
             answer = await run_in_threadpool(service.ask, body)

@@ -1,4 +1,4 @@
-"""`POST /v1/triage` on `lmstack serve`: the server's own engine, the same Triager.
+"""`POST /v1/triage`: its router and service, on the server's engine, with the same Triager.
 
 Request: {"subject": "...", "body": "...", "id": "..."} for one ticket, or
 {"tickets": [{...}, ...]} for several (answered together, in order), plus optional
@@ -14,9 +14,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from lmstack.errors import InputError
+from lmstack.httpapi import parse_body
 from lmstack.triage.schema import Ticket
 
 MAX_TICKETS_PER_REQUEST = 64
@@ -55,7 +58,7 @@ class TriageService:
             if self._generator is None:
                 self._generator = EngineGenerator(self.async_engine)
                 self._classifier = shipped_classifier()
-        model = str(self.async_engine.engine.config.model)
+        model = self.async_engine.model_name
         # A model merged from the triage adapter was trained without examples in the prompt.
         tuned = (Path(model) / "triage_adapter.json").is_file()
         examples = [] if tuned else load_examples()
@@ -88,3 +91,16 @@ class TriageService:
         records = self._triager(request.max_retries).triage_many(tickets)
         dumped = [r.model_dump() for r in records]
         return {"records": dumped} if request.tickets is not None else dumped[0]
+
+
+def triage_router(async_engine):
+    """POST /v1/triage on the server's engine; the service is built on first use."""
+    router = APIRouter()
+    service = TriageService(async_engine)
+
+    @router.post("/v1/triage")
+    async def triage(request: Request):
+        body = await parse_body(request, TriageRequest)
+        return await run_in_threadpool(service.handle, body)
+
+    return router

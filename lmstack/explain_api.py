@@ -96,11 +96,11 @@ def model_attention_all(model, tokenizer, text: str) -> dict:
     }
 
 
-def attention_router(async_engine) -> APIRouter:
-    from lmstack.server.app import _parse
+def attention_router(model_name: str = "bundled") -> APIRouter:
+    """POST /v1/attention over `model_name` (its fp32 copy, loaded on first use)."""
+    from lmstack.httpapi import parse_body
 
     router = APIRouter()
-    model_name = async_engine.engine.config.model or "bundled"
 
     def compute(body: AttentionRequest) -> dict:
         if body.text is None:
@@ -113,7 +113,7 @@ def attention_router(async_engine) -> APIRouter:
 
     @router.post("/v1/attention")
     async def attention(request: Request):
-        body = await _parse(request, AttentionRequest)
+        body = await parse_body(request, AttentionRequest)
         return await run_in_threadpool(compute, body)
 
     return router
