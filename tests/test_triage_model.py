@@ -297,3 +297,18 @@ def test_http_triage_on_the_servers_engine(generator):
         remote.close()
         assert_schema_valid(record, ISSUE)
         assert record.entities.order_number == "ORD-2024-8891"
+
+
+def test_the_server_and_the_cli_build_the_same_triager(shared_generator):
+    # One builder (lmstack.triage.builder): the server once skipped the classifier's
+    # category narrowing and the adapter's few-shot flag that the CLI applied.
+    from lmstack.triage.api import TriageService
+    from lmstack.triage.classifier import DEFAULT_COVERAGE
+    from lmstack.triage.cli_common import TriagerOptions, make_triager
+
+    cli = make_triager(TriagerOptions()).config
+    server = TriageService(shared_generator.async_engine)._triager(2).config
+    for name in ("max_retries", "use_examples", "examples", "category_coverage"):
+        assert getattr(server, name) == getattr(cli, name), name
+    assert server.category_coverage == DEFAULT_COVERAGE
+    assert (server.classifier is None) == (cli.classifier is None) is False

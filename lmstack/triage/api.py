@@ -12,7 +12,6 @@ CLI.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -49,25 +48,18 @@ class TriageService:
         self._lock = threading.Lock()
 
     def _triager(self, max_retries: int):
+        """The CLI's shipped configuration (lmstack.triage.builder) on the server's engine."""
         from lmstack.llm import EngineGenerator
+        from lmstack.triage.builder import is_tuned, triage_config
         from lmstack.triage.classifier import shipped_classifier
-        from lmstack.triage.prompt import load_examples
-        from lmstack.triage.triage import TriageConfig, Triager
+        from lmstack.triage.triage import Triager
 
         with self._lock:
             if self._generator is None:
                 self._generator = EngineGenerator(self.async_engine)
                 self._classifier = shipped_classifier()
-        model = self.async_engine.model_name
-        # A model merged from the triage adapter was trained without examples in the prompt.
-        tuned = (Path(model) / "triage_adapter.json").is_file()
-        examples = [] if tuned else load_examples()
-        config = TriageConfig(
-            max_retries=max_retries,
-            examples=examples,
-            use_examples=not tuned,
-            classifier=self._classifier,  # the CLI's default: narrows the category enum
-        )
+        tuned = is_tuned(self.async_engine.model_name)
+        config = triage_config(tuned, max_retries=max_retries, classifier=self._classifier)
         return Triager(self._generator, config)
 
     def handle(self, request: TriageRequest) -> dict:

@@ -13,12 +13,10 @@ import functools
 import inspect
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import typer
 from typer.core import TyperGroup
 
-from lmstack.errors import InputError
 from lmstack.triage.classifier import DEFAULT_COVERAGE
 
 
@@ -113,16 +111,19 @@ def with_triager_options(command):
 def make_triager(options: TriagerOptions | None = None, few_shot: bool | None = None):
     """A Triager with the best shipped configuration unless the options say otherwise."""
     from lmstack.llm import make_generator
-    from lmstack.triage.adapter import adapter_info, triage_model
-    from lmstack.triage.classifier import shipped_classifier
-    from lmstack.triage.prompt import load_examples
-    from lmstack.triage.triage import TriageConfig, Triager
+    from lmstack.triage.adapter import triage_model
+    from lmstack.triage.builder import is_tuned, triage_config
+    from lmstack.triage.triage import Triager
 
     o = options or TriagerOptions()
-    if o.max_retries < 0:
-        raise InputError(f"--max-retries must be >= 0, got {o.max_retries}")
-    if not 0.0 <= o.category_coverage <= 1.0:
-        raise InputError(f"--category-coverage must be in [0, 1], got {o.category_coverage}")
+    config_options = {
+        "max_retries": o.max_retries,
+        "examples": o.examples,
+        "no_examples": o.no_examples,
+        "few_shot": few_shot,
+        "category_coverage": o.category_coverage,
+    }
+    triage_config(False, classifier=None, **config_options)  # bad options: before any load
     model = o.model
     if o.llm_url:
         generator = make_generator(llm_url=o.llm_url, model=model)
@@ -132,20 +133,10 @@ def make_triager(options: TriagerOptions | None = None, few_shot: bool | None = 
             merged = triage_model()
             model, tuned = (str(merged), True) if merged else ("bundled", False)
         else:
-            tuned = (Path(model) / "triage_adapter.json").is_file()
+            tuned = is_tuned(model)
         generator = make_generator(model=model, dtype=o.dtype, num_kv_tokens=32768)
-    if few_shot is None:
-        # The adapter was trained zero-shot; the base model needs the examples.
-        few_shot = (adapter_info() or {}).get("few_shot", False) if tuned else True
-    use_examples = bool(o.examples) or (few_shot and not o.no_examples)
-    config = TriageConfig(
-        max_retries=o.max_retries,
-        examples=load_examples(o.examples) if use_examples else [],
-        use_examples=use_examples,
-        classifier=None if o.no_classifier else shipped_classifier(),
-        category_coverage=o.category_coverage,
-    )
-    return Triager(generator, config)
+    classifier = None if o.no_classifier else "shipped"
+    return Triager(generator, triage_config(tuned, classifier=classifier, **config_options))
 
 
 def progress_bar(label: str):
