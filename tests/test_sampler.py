@@ -202,7 +202,7 @@ def test_seeded_row_is_independent_of_its_batch():
 def test_seeded_generator_lives_in_sequence_state():
     s = seq(SamplingParams(seed=3))
     Sampler(10)(torch.zeros(1, 10), [s])
-    assert isinstance(s.state["generator"], torch.Generator)
+    assert isinstance(s.generator, torch.Generator)
 
 
 def test_logprobs_are_raw():

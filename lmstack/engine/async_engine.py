@@ -187,7 +187,7 @@ class AsyncLLMEngine:
             try:
                 self.engine.add_sequence(seq)
             except QueueFullError as exc:  # lost a race with other producers
-                seq.state["error"] = str(exc)
+                seq.error = str(exc)
                 seq.finish(FinishReason.ABORT)
                 refused.append(self.engine.output(seq))
         for request_id in aborts:

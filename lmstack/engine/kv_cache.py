@@ -119,8 +119,8 @@ class BlockManager:
                     seq.block_table.append(block_id)
                     hits += 1
             self.prefix_cache_hits += hits * self.block_size
-        seq.state["block_hashes"] = hashes
-        seq.state["hashed_blocks"] = hits
+        seq.block_hashes = hashes
+        seq.hashed_blocks = hits
         seq.num_computed_tokens = seq.num_cached_tokens = hits * self.block_size
         return hits * self.block_size
 
@@ -176,8 +176,8 @@ class BlockManager:
         """Publish every block of seq that is now completely computed under its prefix hash."""
         if not self.enable_prefix_caching:
             return
-        hashes: list[BlockHash] = seq.state.setdefault("block_hashes", [])
-        done: int = seq.state.get("hashed_blocks", 0)
+        hashes: list[BlockHash] = seq.block_hashes
+        done: int = seq.hashed_blocks
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for i in range(done, full):
             if i < len(hashes):
@@ -194,7 +194,7 @@ class BlockManager:
             if block.hash is None and block_hash not in self.hash_to_block_id:
                 block.hash = block_hash
                 self.hash_to_block_id[block_hash] = block.block_id
-        seq.state["hashed_blocks"] = max(done, full)
+        seq.hashed_blocks = max(done, full)
 
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; its K/V must be recomputed (or re-hit) if it runs again."""
@@ -211,8 +211,8 @@ class BlockManager:
                     self._free_unhashed.append(block_id)
         seq.block_table.clear()
         seq.num_computed_tokens = seq.num_cached_tokens = 0
-        seq.state.pop("block_hashes", None)
-        seq.state.pop("hashed_blocks", None)
+        seq.block_hashes = []
+        seq.hashed_blocks = 0
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the free lists, ref counts and hash map disagree (tests)."""

@@ -163,13 +163,13 @@ class LLMEngine:
             arrival_time=now,
             deadline=None if timeout is None else now + timeout,
         )
-        seq.state["decoder"] = self.tokenizer.stream_decoder(params.skip_special_tokens)
-        seq.state["text"] = ""
-        seq.state["emitted"] = 0
-        seq.state["sent_tokens"] = 0
-        seq.state["sent_logprobs"] = 0
+        seq.decoder = self.tokenizer.stream_decoder(params.skip_special_tokens)
+        seq.text = ""
+        seq.emitted = 0
+        seq.sent_tokens = 0
+        seq.sent_logprobs = 0
         if matcher is not None:
-            seq.state["matcher"] = matcher
+            seq.matcher = matcher
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -235,7 +235,7 @@ class LLMEngine:
         return torch.cat(rows), ready, failed
 
     def _fail(self, seq: Sequence, what: str, exc: BaseException) -> None:
-        seq.state["error"] = f"{what}: {type(exc).__name__}: {exc}"
+        seq.error = f"{what}: {type(exc).__name__}: {exc}"
         self.scheduler.finish_seq(seq, FinishReason.ERROR)
 
     def _output_or_error(self, seq: Sequence) -> RequestOutput:
@@ -243,7 +243,7 @@ class LLMEngine:
             return self.output(seq)
         except Exception as exc:  # e.g. its detokenizer: the request ends with the error
             self._fail(seq, "detokenizing failed", exc)
-            error = seq.state["error"]
+            error = seq.error
             return RequestOutput(seq.request_id, seq.num_prompt_tokens, [], "", "", [], True,
                                  FinishReason.ERROR, error=error)  # fmt: skip
 
@@ -269,7 +269,7 @@ class LLMEngine:
         return seqs
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
-        matchers = [s.state.get("matcher") for s in seqs]
+        matchers = [s.matcher for s in seqs]
         mask = None
         if any(m is not None for m in matchers):
             from lmstack.engine.grammar import allowed_mask
@@ -283,22 +283,22 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.num_prompt_tokens += seq.num_prompt_tokens
-        matcher = seq.state.get("matcher")
+        matcher = seq.matcher
         stop_ids = params.stop_token_ids or ()
         is_eos = not params.ignore_eos and token in self.tokenizer.stop_token_ids
         if is_eos or token in stop_ids:
             if matcher is not None and not matcher.is_finished() and not matcher.accept(token):
-                seq.state["error"] = f"grammar rejected end of sequence: {matcher.error}"
+                seq.error = f"grammar rejected end of sequence: {matcher.error}"
             self.scheduler.finish_seq(seq, FinishReason.STOP)
             return
         seq.append_token(token)
         self.num_generation_tokens += 1
         if result.logprob is not None:
             seq.logprobs.append(TokenLogprob(token, result.logprob, result.top_logprobs or []))
-        seq.state["text"] += seq.state["decoder"].push(token)
+        seq.text += seq.decoder.push(token)
         if matcher is not None:
             if not matcher.accept(token):
-                seq.state["error"] = f"grammar rejected token {token}: {matcher.error}"
+                seq.error = f"grammar rejected token {token}: {matcher.error}"
                 self.scheduler.finish_seq(seq, FinishReason.ERROR)
                 return
             if matcher.is_finished():
@@ -310,41 +310,40 @@ class LLMEngine:
             self.scheduler.finish_seq(seq, FinishReason.LENGTH)
 
     def _hit_stop_string(self, seq: Sequence) -> bool:
-        text = seq.state["text"]
+        text = seq.text
         longest = max(len(s) for s in seq.params.stop)
         # Only the tail can contain a stop string that the last token completed.
-        search_from = max(0, seq.state["emitted"] - longest)
+        search_from = max(0, seq.emitted - longest)
         hits = [(text.find(s, search_from), s) for s in seq.params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return False
         index, stop = min(hits)
         keep = index + len(stop) if seq.params.include_stop_str_in_output else index
-        seq.state["text"] = text[:keep]
-        seq.state["stop_string_hit"] = True
+        seq.text = text[:keep]
+        seq.stop_string_hit = True
         return True
 
     def output(self, seq: Sequence) -> RequestOutput:
         """The request's new tokens and text since its last output (advances the cursor)."""
-        state = seq.state
         finished = seq.is_finished
-        if finished and not state.get("flushed"):
-            state["flushed"] = True
-            if not state.get("stop_string_hit"):
-                state["text"] += state["decoder"].flush()
-        text = state["text"]
+        if finished and not seq.flushed:
+            seq.flushed = True
+            if not seq.stop_string_hit:
+                seq.text += seq.decoder.flush()
+        text = seq.text
         # Hold back a tail that could still grow into a stop string.
         hold = 0 if finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
-        visible = max(state["emitted"], len(text) - hold)
-        new_text = text[state["emitted"] : visible]
-        state["emitted"] = visible
+        visible = max(seq.emitted, len(text) - hold)
+        new_text = text[seq.emitted : visible]
+        seq.emitted = visible
         out_ids = seq.output_token_ids
-        new_ids = out_ids[state["sent_tokens"] :]
-        state["sent_tokens"] = len(out_ids)
+        new_ids = out_ids[seq.sent_tokens :]
+        seq.sent_tokens = len(out_ids)
         new_logprobs = None
         if seq.params.logprobs is not None:
-            new_logprobs = seq.logprobs[state["sent_logprobs"] :]
-            state["sent_logprobs"] = len(seq.logprobs)
+            new_logprobs = seq.logprobs[seq.sent_logprobs :]
+            seq.sent_logprobs = len(seq.logprobs)
         return RequestOutput(
             request_id=seq.request_id,
             prompt_tokens=seq.num_prompt_tokens,
@@ -360,7 +359,7 @@ class LLMEngine:
             first_scheduled_time=seq.first_scheduled_time,
             first_token_time=seq.first_token_time,
             finish_time=seq.finish_time,
-            error=state.get("error"),
+            error=seq.error,
         )
 
     # ---------------------------------------------------------------- stats

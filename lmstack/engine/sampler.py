@@ -38,7 +38,7 @@ class SampleResult:
 class Sampler:
     def __init__(self, vocab_size: int, seed: int | None = None):
         self.vocab_size = vocab_size
-        # Shared by every unseeded request; seeded ones get their own in seq.state.
+        # Shared by every unseeded request; seeded ones get their own (seq.generator).
         self.generator = torch.Generator()
         if seed is None:
             self.generator.seed()
@@ -107,10 +107,10 @@ class Sampler:
             seed = seq.params.seed
             if seed is None:
                 continue
-            gen = seq.state.get("generator")
+            gen = seq.generator
             if gen is None:
                 gen = torch.Generator().manual_seed(seed)
-                seq.state["generator"] = gen
+                seq.generator = gen
             u[i] = torch.rand(1, dtype=torch.float64, generator=gen)[0]
         return u
 

@@ -10,6 +10,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmstack.engine.sampling_params import SamplingParams
 
@@ -53,8 +54,19 @@ class Sequence:
     num_preemptions: int = 0
     # Per-token log-probability records, filled by the sampler when params.logprobs is set.
     logprobs: list = field(default_factory=list)
-    # Free-form per-request state owned by the engine (grammar matcher, RNG, detokenizer).
-    state: dict = field(default_factory=dict)
+    # The engine's per-request working state, one owner each.
+    decoder: Any = None  # stream detokenizer (llm_engine.make_sequence)
+    text: str = ""  # output text so far (stop strings cut it)
+    emitted: int = 0  # characters of `text` already handed out
+    sent_tokens: int = 0  # output tokens already handed out
+    sent_logprobs: int = 0  # logprob records already handed out
+    flushed: bool = False  # the detokenizer's tail was added at the finish
+    stop_string_hit: bool = False
+    matcher: Any = None  # grammar matcher (structured output), or None
+    generator: Any = None  # torch.Generator of a seeded request (sampler)
+    error: str | None = None  # why the request failed (finish_reason "error")
+    block_hashes: list = field(default_factory=list)  # prefix-cache hashes of full blocks
+    hashed_blocks: int = 0  # blocks whose hash is published (kv_cache)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
