@@ -216,6 +216,10 @@ def test_validator_names_each_broken_rule():
     assert "entities.order_number 'ORD-1' is not in the ticket" in text
     assert "suggested_response has 1 sentences; write 3 to 5" in text
     assert "key_issue is empty" in text
+    # Each problem also carries a code, which the retry logic reads instead of the wording.
+    from lmstack.triage.validate import codes
+
+    assert codes(errors) == {"urgency", "entity", "reply_length", "key_issue"}
     not_email = good_output(entities=Entities(email="CUS-445566"))
     assert any("not an e-mail address" in e for e in validate(not_email, ISSUE_TICKET.text))
     repeated = good_output(entities=Entities(customer_id="CUS-445566", order_number="CUS-445566"))

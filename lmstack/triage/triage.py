@@ -39,7 +39,14 @@ from lmstack.triage.prompt import (
     truncate_middle,
 )
 from lmstack.triage.schema import CATEGORIES, URGENCIES, Ticket, TriageRecord, output_schema
-from lmstack.triage.validate import allowed_urgencies, parse_output, validate
+from lmstack.triage.validate import (
+    REPLY_LANGUAGE,
+    URGENCY,
+    allowed_urgencies,
+    codes,
+    parse_output,
+    validate,
+)
 
 if TYPE_CHECKING:
     from lmstack.triage.classifier import CategoryClassifier
@@ -211,8 +218,9 @@ class Triager:
         record.valid, record.errors = not errors, errors
         if errors:
             job.feedback, job.previous = errors, completion.text or None
-            if any(e.startswith("urgency must be") for e in errors):
+            broken = codes(errors)
+            if URGENCY in broken:
                 job.urgencies = allowed_urgencies(job.text)
-            if any(e.startswith("suggested_response must be written in") for e in errors):
+            if REPLY_LANGUAGE in broken:
                 job.reply_every_sentence = True
         return not errors

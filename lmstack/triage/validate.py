@@ -18,6 +18,34 @@ from lmstack.triage.grounding import EMAIL, ungrounded
 from lmstack.triage.languages import detect_language
 from lmstack.triage.schema import REPLY_SENTENCES, URGENCIES, TriageOutput, split_sentences
 
+
+class Problem(str):
+    """One broken rule: the message fed back to the model, and a stable `code` that code
+    acts on (a retry that must narrow the urgency or write in the ticket's language)."""
+
+    code: str
+
+    def __new__(cls, code: str, message: str) -> Problem:
+        problem = super().__new__(cls, message)
+        problem.code = code
+        return problem
+
+
+URGENCY, ENTITY, KEY_ISSUE, REPLY_LENGTH, REPLY_REPEATS, REPLY_LANGUAGE = (
+    "urgency",
+    "entity",
+    "key_issue",
+    "reply_length",
+    "reply_repeats",
+    "reply_language",
+)
+
+
+def codes(errors: list[str]) -> set[str]:
+    """The codes of the Problems among `errors` (other messages have none)."""
+    return {e.code for e in errors if isinstance(e, Problem)}
+
+
 # Cues for the urgency rules (Critical: service down, security, deadline within 24 h;
 # High: explicit urgency words or a deadline within 48 h), English plus es/fr/de.
 CRITICAL_CUES = re.compile(
@@ -77,32 +105,41 @@ def validate(output: TriageOutput, ticket_text: str, language: str | None = None
             why = "the ticket uses urgency words or gives a deadline within 48 h"
         else:
             why = "Critical needs a service outage, a security issue or a 24 h deadline"
-        errors.append(f"urgency must be {' or '.join(allowed)}, not {output.urgency}: {why}")
+        message = f"urgency must be {' or '.join(allowed)}, not {output.urgency}: {why}"
+        errors.append(Problem(URGENCY, message))
     entities = output.entities.model_dump()
     for name in ungrounded(entities, ticket_text):
-        errors.append(
-            f"entities.{name} {entities[name]!r} is not in the ticket: copy it or use null"
-        )
+        message = f"entities.{name} {entities[name]!r} is not in the ticket: copy it or use null"
+        errors.append(Problem(ENTITY, message))
     email = entities.get("email")
     if email is not None and not EMAIL.fullmatch(email):
-        errors.append(f"entities.email {email!r} is not an e-mail address: use null")
+        errors.append(
+            Problem(ENTITY, f"entities.email {email!r} is not an e-mail address: use null")
+        )
     if entities.get("customer_id") and entities.get("customer_id") == entities.get("order_number"):
-        errors.append("entities.customer_id and entities.order_number are the same value")
+        message = "entities.customer_id and entities.order_number are the same value"
+        errors.append(Problem(ENTITY, message))
     key_issue = output.key_issue.strip()
     if not key_issue:
-        errors.append("key_issue is empty: summarise the problem in one sentence")
+        errors.append(
+            Problem(KEY_ISSUE, "key_issue is empty: summarise the problem in one sentence")
+        )
     elif len(split_sentences(key_issue)) != 1:
-        errors.append(f"key_issue has {len(split_sentences(key_issue))} sentences; write one")
+        message = f"key_issue has {len(split_sentences(key_issue))} sentences; write one"
+        errors.append(Problem(KEY_ISSUE, message))
     n = len(split_sentences(output.suggested_response))
     low, high = REPLY_SENTENCES
     if not low <= n <= high:
-        errors.append(f"suggested_response has {n} sentences; write {low} to {high}")
+        message = f"suggested_response has {n} sentences; write {low} to {high}"
+        errors.append(Problem(REPLY_LENGTH, message))
     sentences = [x.lower() for x in split_sentences(output.suggested_response)]
     if len(set(sentences)) < len(sentences):
-        errors.append("suggested_response repeats a sentence; write each sentence once")
+        message = "suggested_response repeats a sentence; write each sentence once"
+        errors.append(Problem(REPLY_REPEATS, message))
     language = language or detect_language(ticket_text)
     if language != "English" and detect_language(output.suggested_response) != language:
-        errors.append(f"suggested_response must be written in {language}, the ticket's language")
+        message = f"suggested_response must be written in {language}, the ticket's language"
+        errors.append(Problem(REPLY_LANGUAGE, message))
     return errors
 
 
