@@ -27,6 +27,6 @@ test: $(STAMP) lint
 
 # The engine, model and kernel tests once more as on an AVX2-only CPU (lmstack.cpu:
 # LMSTACK_CPU_ISA=avx2 also limits torch and oneDNN). .ci/run adds it on AVX-512 machines.
-ISA_TESTS := tests/test_kernels.py tests/test_qlinear.py tests/test_packed.py tests/test_model.py tests/test_engine.py
+ISA_TESTS := tests/kernels tests/model/test_qlinear.py tests/model/test_packed.py tests/model/test_model.py tests/engine/test_engine.py
 test-avx2: $(STAMP)
 	LMSTACK_CPU_ISA=avx2 $(VENV)/bin/pytest -q $(ISA_TESTS)

@@ -1,7 +1,7 @@
 """The composition root: `lmstack serve` builds the engine, the OpenAI app and every app's
 router on it, and the web page.
 
-The layers point one way (tests/test_layers.py): the OpenAI server (lmstack.server) knows no
+The layers point one way (tests/repo/test_layers.py): the OpenAI server (lmstack.server) knows no
 app; document Q&A, triage, ratings and the attention explainer own their routers, and only
 this module puts them together. Admission (body limits, deadlines, cross-site checks, the
 API key) is the OpenAI app's middleware, so it covers every route mounted here.

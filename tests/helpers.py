@@ -9,6 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+# helpers.py stays at tests/, so this holds wherever a test module sits below it.
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"  # screenshots of the browser tests (ignored by git)
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a browser here
 CHROMIUM_ARGS = [
     "--headless",

@@ -12,7 +12,7 @@ The C++ sources are compiled once per machine with the system's g++ (-O3 -march=
 compiler and the CPU, and loaded with ctypes (which releases the GIL during the call).
 Loaded after torch, whose libgomp torch puts in the process's global symbol scope, the
 kernels' OpenMP calls resolve to that runtime: a parallel loop runs on the calling thread's
-existing team rather than starting worker threads of its own (tests/test_kernels.py
+existing team rather than starting worker threads of its own (tests/kernels/test_kernels.py
 checks that calling the kernel adds no thread to the process).
 
 Where there is no compiler, the build fails or LMSTACK_KERNELS=0, `load()` returns None

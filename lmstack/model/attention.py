@@ -134,7 +134,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tor
     prefill, and it materialises the full score matrix) for 3-D ones. bf16/fp16 inputs are
     attended in fp32, as the math path does: the flash kernel's bf16 mode rounds the
     probabilities to bf16, and greedy bf16 output then agreed with fp32 on 2 of 5 test
-    prompts instead of 4 (tests/test_model.py), for no measurable speed gain.
+    prompts instead of 4 (tests/model/test_model.py), for no measurable speed gain.
     """
     heads, tokens, _ = q.shape
     gqa = heads != k.shape[0]

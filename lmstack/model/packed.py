@@ -7,7 +7,7 @@ weights are read twice and written once for a handful of input rows. `PackedLine
 once and calls oneDNN's matmul on the packed copy. `lmstack bench kernels` (bf16, the
 bundled model's layer shapes, on the 2-core dev machine, two runs) measured 1.6-3.3x the
 plain call for one row, 1.5-1.9x for a 20-row decode batch and 1.1-1.2x for a 256-token
-prefill chunk; results are bit-identical to `F.linear` in bf16 (tests/test_packed.py).
+prefill chunk; results are bit-identical to `F.linear` in bf16 (tests/model/test_packed.py).
 
 On CPUs with AVX512-BF16, bf16 layers go one step further: `KernelLinear` packs the weight
 for lmstack's own compiled kernel (lmstack/kernels/csrc/gemm_bf16.cpp), which overlaps

@@ -16,15 +16,6 @@ NOTE_LIMIT = 50
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    eng = AsyncLLMEngine(num_kv_tokens=8192)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):
     folder = tmp_path_factory.mktemp("admission")
     tokens = make_ratings_db(folder / "ratings.db")

@@ -33,15 +33,6 @@ STATE_CHANGING = [
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    eng = AsyncLLMEngine(num_kv_tokens=8192)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cross-site")
     tokens = make_ratings_db(folder / "ratings.db")

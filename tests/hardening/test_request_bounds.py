@@ -32,15 +32,6 @@ CHAT = {"messages": HELLO, "max_tokens": 1}
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    eng = AsyncLLMEngine(num_kv_tokens=8192)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def http(engine):
     with (
         live_server(create_app(engine, MODEL)) as url,

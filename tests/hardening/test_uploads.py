@@ -23,15 +23,6 @@ MARKED = {"X-Requested-With": "lmstack"}  # what the bundled page sends with upl
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    eng = AsyncLLMEngine(num_kv_tokens=8192)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def served(engine, tmp_path_factory):
     store = tmp_path_factory.mktemp("uploads") / "docs.db"
     app = build_app(

@@ -8,11 +8,11 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = REPO / "deploy"
 EXPORTED = {
     "time_to_first_token_seconds",
     "inter_token_latency_seconds",

@@ -19,15 +19,6 @@ QUESTION = "What does AAL3 require?"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    eng = AsyncLLMEngine(num_kv_tokens=8192)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def http(engine, tmp_path_factory):
     store = tmp_path_factory.mktemp("docs") / "docs.db"
     app = build_app(engine, "m", docs_store=str(store), max_upload_bytes=UPLOAD_LIMIT)

@@ -8,19 +8,16 @@ CI=true, where it fails. The screenshot goes to test-artifacts/.
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import chromium, live_server
+from helpers import ARTIFACTS, live_server
 
 from lmstack.align.api import rate_router
 from lmstack.align.ratings import Comparison, RatingStore
 
 pytestmark = pytest.mark.slow
-
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +61,6 @@ def server(ratings):
     app.include_router(rate_router(ratings[0]))
     with live_server(app) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    ARTIFACTS.mkdir(exist_ok=True)
-    with chromium() as launched:  # skips without a browser; fails under CI=true
-        yield launched
 
 
 def _rows(path):

@@ -10,23 +10,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import chromium, live_server, wait_for
+from helpers import ARTIFACTS, live_server, wait_for
 
 from lmstack.config import data_dir
 from lmstack.serve import build_app
 
 pytestmark = pytest.mark.slow
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 NIST = data_dir() / "nist-sp800-63-3"
 LONG = 180_000  # ms: generation on a shared 2-core CPU
-
-
-@pytest.fixture(scope="module")
-def browser():
-    ARTIFACTS.mkdir(exist_ok=True)
-    with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture(scope="module")

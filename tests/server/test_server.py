@@ -60,15 +60,6 @@ def scrape(http: httpx.Client) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    eng = AsyncLLMEngine(num_kv_tokens=8192)
-    yield eng
-    eng.shutdown()
-
-
-@pytest.fixture(scope="module")
 def base_url(engine):
     with live_server(create_app(engine, MODEL, api_key=None, max_body_bytes=1_000_000)) as url:
         yield url

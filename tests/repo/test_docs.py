@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from lmstack.bench.report import render
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 PAGES = [README, *sorted(DOCS.rglob("*.md"))]
