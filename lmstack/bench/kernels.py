@@ -103,7 +103,9 @@ def bench_kernels(config, dtype: torch.dtype | str, rows=(1, 20, 256)) -> list[d
 
         with torch.inference_mode():
             base, ours = _pair(plain, fast, repeats=max(2, 40 // m))
-        name = "linear (layer + LM head)" + (f", fp32 packed vs {fmt}" if fmt else "")
+        name = "linear (layer + LM head)" + (
+            f", fp32 packed vs {fmt} ({qops.linear_q_path()})" if fmt else ""
+        )
         results.append(_row(name, f"{m} rows", base, ours))
     for tokens in (130, 512):
         q = torch.randn(heads, tokens, dim, generator=gen).to(dtype)

@@ -19,8 +19,15 @@ Q4_TILE, Q8_TILE = 160, 272  # bytes per (group, block) tile
 
 def linear_q_supported() -> bool:
     """Whether the compiled quantized linear kernel exists here (AVX2+FMA+F16C at build)."""
+    return linear_q_path() is not None
+
+
+def linear_q_path() -> str | None:
+    """Which integer dot product the quantized kernel uses: "avx512_vnni" (vpdpbusd, where
+    the CPU has AVX512-VNNI and LMSTACK_CPU_ISA allows it), "avx2" (vpmaddubsw), or None."""
     lib = load()
-    return lib is not None and lib.lmstack_linear_q_supported() == 1
+    code = 0 if lib is None else lib.lmstack_linear_q_supported()
+    return {1: "avx2", 2: "avx512_vnni"}.get(code)
 
 
 def _group_rows(t: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,7 @@ def test_bench_kernels_reports_both_sides(capsys, tmp_path):
     assert saved["kind"] == "kernels" and saved["meta"]["cpu"]
     rows = saved["rows"]
     from lmstack import kernels
+    from lmstack.kernels import qops
     from lmstack.model.precision import choose_dtype
 
     dtype = choose_dtype("bundled")[0]  # what `--dtype auto` runs on this CPU
@@ -95,7 +96,7 @@ def test_bench_kernels_reports_both_sides(capsys, tmp_path):
         expected.add("linear, decode step (oneDNN packed vs compiled)")
         expected.add("prefill attention (paged, one layer)")  # the tiled kernel
     elif dtype == "gguf":  # AVX2: the integer kernel on the file's blocks, fp32 attention
-        expected.add("linear (layer + LM head), fp32 packed vs gguf")
+        expected.add(f"linear (layer + LM head), fp32 packed vs gguf ({qops.linear_q_path()})")
         expected.add("linear, decode step (fp32 oneDNN packed vs gguf)")
         expected.add("prefill attention (paged, one layer)")  # per-query fp32 kernel
     else:

@@ -81,6 +81,17 @@ def test_kernel_computes_the_int8_activation_product(bits, rows, n, k):
 
 
 @needs_kernel
+def test_kernel_uses_vnni_exactly_where_the_cpu_has_it():
+    # vpdpbusd (AVX512-VNNI on 256-bit vectors) where the CPU and LMSTACK_CPU_ISA allow it,
+    # vpmaddubsw otherwise; test_kernel_computes_the_int8_activation_product checks whichever
+    # this run built (make test-avx2 runs it on the AVX2 one).
+    from lmstack import cpu
+
+    vnni = {"avx512_vnni", "avx512vl"} <= cpu.features()
+    assert qops.linear_q_path() == ("avx512_vnni" if vnni else "avx2")
+
+
+@needs_kernel
 def test_kernel_takes_strided_rows_leading_dims_and_no_rows():
     packed, weight = _q4_weight(64, 64)
     wide = torch.randn(6, 200)
@@ -213,13 +224,15 @@ def test_isa_switch_restricts_lmstack_torch_and_onednn():
         "from lmstack import cpu\n"
         "from lmstack.kernels import ops\n"
         "from lmstack.model.precision import choose_dtype\n"
+        "from lmstack.kernels import qops\n"
         "print(cpu.isa_level(), choose_dtype('bundled')[0], ops.linear_bf16_supported(),\n"
-        "      torch.backends.cpu.get_cpu_capability(), os.environ['ONEDNN_MAX_CPU_ISA'])\n"
+        "      torch.backends.cpu.get_cpu_capability(), os.environ['ONEDNN_MAX_CPU_ISA'],\n"
+        "      qops.linear_q_path())\n"
     )
     result = _run(probe, LMSTACK_CPU_ISA="avx2")
     assert result.returncode == 0, result.stderr
-    level, dtype, bf16_kernel, capability, onednn = result.stdout.split()
-    assert level == "avx2" and dtype == "gguf" and bf16_kernel == "False"
+    level, dtype, bf16_kernel, capability, onednn, q_path = result.stdout.split()
+    assert level == "avx2" and dtype == "gguf" and bf16_kernel == "False" and q_path == "avx2"
     assert capability == "AVX2" and onednn == "AVX2"
     bad = _run("import lmstack.cpu as c; c.requested_isa()", LMSTACK_CPU_ISA="sse9")
     assert bad.returncode != 0 and "LMSTACK_CPU_ISA='sse9'" in bad.stderr

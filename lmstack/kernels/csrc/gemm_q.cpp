@@ -39,6 +39,16 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
+// AVX512-VNNI (with VL, on 256-bit vectors): vpdpbusd multiplies four unsigned weight bytes
+// by four signed activation bytes and adds them into a 32-bit lane in one instruction, where
+// AVX2 needs vpmaddubsw, then vpmaddwd (or 16-bit adds) to widen. Same tiles, same results
+// (the integer sums are exact either way). LMSTACK_CPU_ISA=avx2 builds without it.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LMSTACK_VNNI 1
+#else
+#define LMSTACK_VNNI 0
+#endif
+
 namespace {
 
 constexpr int64_t kCols = 8;
@@ -123,7 +133,7 @@ template <int R>
 void q4_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t ldo,
              int64_t cols) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a.kb; ++b) {
@@ -138,15 +148,24 @@ void q4_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             for (int r = 0; r < R; ++r) {
                 const int8_t* xb = a.q + (row + r) * a.k + b * 32 + 8 * p;
+#if LMSTACK_VNNI
+                sum[r] = _mm256_dpbusd_epi32(sum[r], lo, broadcast4(xb));
+                sum[r] = _mm256_dpbusd_epi32(sum[r], hi, broadcast4(xb + 4));
+#else
                 sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(lo, broadcast4(xb)));
                 sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(hi, broadcast4(xb + 4)));
+#endif
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 128)));
         const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 144)));
         for (int r = 0; r < R; ++r) {
             const int64_t i = (row + r) * a.kb + b;
+#if LMSTACK_VNNI
+            const __m256 dot = _mm256_cvtepi32_ps(sum[r]);
+#else
             const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[r], ones));
+#endif
             acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[i])), acc[r]);
             acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[i]), acc[r]);
         }
@@ -157,7 +176,7 @@ void q4_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
 template <int R>
 void q8_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t ldo,
              int64_t cols) {
-    const __m256i ones = _mm256_set1_epi16(1);
+    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a.kb; ++b) {
@@ -170,8 +189,12 @@ void q8_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
             const __m256i mag = _mm256_abs_epi8(v);  // |w| as unsigned; w's sign moves to x
             for (int r = 0; r < R; ++r) {
                 const __m256i x = broadcast4(a.q + (row + r) * a.k + b * 32 + 4 * s);
+#if LMSTACK_VNNI
+                sum[r] = _mm256_dpbusd_epi32(sum[r], mag, _mm256_sign_epi8(x, v));
+#else
                 const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(x, v));
                 sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
+#endif
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 256)));
@@ -202,7 +225,7 @@ void run_group(const uint8_t* w, const Acts& a, int64_t rows, float* out, int64_
 
 extern "C" {
 
-int lmstack_linear_q_supported() { return 1; }
+int lmstack_linear_q_supported() { return LMSTACK_VNNI ? 2 : 1; }  // 2: the VNNI path
 
 // format: 4 (Q4 tiles) or 8 (Q8 tiles). x [m, k] fp32 (row stride ldx), k a multiple of 32;
 // out [m, n] fp32 (row stride ldo). Returns 0, or -1 for arguments it cannot take.
