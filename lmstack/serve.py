@@ -9,6 +9,7 @@ API key) is the OpenAI app's middleware, so it covers every route mounted here.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from lmstack.server.cli import (
     setup_logging,
     uvicorn_config,
 )
+
+logger = logging.getLogger("lmstack.server")  # setup_logging prints it on stderr
 
 
 def build_app(
@@ -39,13 +42,17 @@ def build_app(
     ratings_db: str | Path | None = None,
     max_note_chars: int = 2000,
 ) -> FastAPI:
-    """The whole server for one engine: the OpenAI API, /v1/docs and /v1/ask, /v1/triage,
-    /v1/attention, the page at /, and with `ratings_db` the rating page (/rate)."""
-    from lmstack.docqa.api import docs_router
+    """The whole server for one engine: the OpenAI API, /v1/attention, the page at /, and
+    each app whose extra is installed: /v1/docs and /v1/ask (docqa), /v1/triage (triage),
+    and with `ratings_db` the rating page (/rate, which needs no extra).
+
+    An app whose extra is missing is left out with one warning naming the extra, and its tab
+    on the page says what to install: a server that only answers chat still starts.
+    """
     from lmstack.explain_api import attention_router
-    from lmstack.page import add_web_page
+    from lmstack.extras import MissingExtra, require
+    from lmstack.page import PagePart, add_web_page
     from lmstack.server.app import create_app, register_upload_route
-    from lmstack.triage.api import triage_router
 
     app = create_app(
         engine,
@@ -58,16 +65,40 @@ def build_app(
         allowed_origin=allowed_origin,
         metrics_public=metrics_public,
     )
-    register_upload_route(app, "POST", "/v1/docs", max_upload_bytes, "--max-upload-bytes")
-    app.include_router(docs_router(engine, docs_store))
-    app.include_router(triage_router(engine))
+    parts: list[PagePart] = []
+    off: dict[str, str] = {}
+    try:
+        require("docqa", "document Q&A (/v1/docs, /v1/ask)")
+    except MissingExtra as exc:
+        off["docs"] = _skipped(exc)
+    else:
+        from lmstack.docqa import api as docqa_api
+
+        register_upload_route(app, "POST", "/v1/docs", max_upload_bytes, "--max-upload-bytes")
+        app.include_router(docqa_api.docs_router(engine, docs_store))
+        parts.append(PagePart("docqa", "docs", docqa_api.STATIC_DIR, docqa_api.PAGE_SCRIPT))
+    try:
+        require("triage", "triage (/v1/triage)")
+    except MissingExtra as exc:
+        off["triage"] = _skipped(exc)
+    else:
+        from lmstack.triage import api as triage_api
+
+        app.include_router(triage_api.triage_router(engine))
+        parts.append(PagePart("triage", "triage", triage_api.STATIC_DIR, triage_api.PAGE_SCRIPT))
     app.include_router(attention_router(engine.model_name))
     if ratings_db is not None:  # preference collection (lmstack/align): /rate, /rate/qc
         from lmstack.align.api import rate_router
 
         app.include_router(rate_router(ratings_db, max_note_chars))
-    add_web_page(app)
+    add_web_page(app, parts, off)
     return app
+
+
+def _skipped(exc: Exception) -> str:
+    """Log that an app is not mounted (once, at startup); the page shows the same line."""
+    logger.warning("not mounted: %s", exc)
+    return str(exc)
 
 
 def serve_command(

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from lmstack.align.ratings import CRITERIA, AuthError, NotFoundError, RatingStore
 from lmstack.errors import InputError
 
-STATIC = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parent / "static"  # its own page (/rate), served by this router
 MAX_NOTE_CHARS = 2000  # `lmstack serve --max-note-chars`
 
 
@@ -55,11 +55,11 @@ def rate_router(db_path: str | Path, max_note_chars: int = MAX_NOTE_CHARS) -> AP
 
     @router.get("/rate", include_in_schema=False)
     async def page():
-        return FileResponse(STATIC / "rate.html", media_type="text/html")
+        return FileResponse(STATIC_DIR / "rate.html", media_type="text/html")
 
     @router.get("/rate/static/{name}", include_in_schema=False)
     async def static(name: str):
-        path = STATIC / name
+        path = STATIC_DIR / name
         if name not in {"rate.js", "rate.css"} or not path.is_file():
             raise HTTPException(404, f"no such file: {name}")
         media = "text/javascript" if name.endswith(".js") else "text/css"

@@ -11,10 +11,19 @@ from lmstack.align.cli_collect import collect_app
 from lmstack.align.cli_common import dump, echo_report
 from lmstack.align.cli_reward import reward_app
 from lmstack.errors import InputError
+from lmstack.extras import require
 
 align_app = typer.Typer(help="Alignment from human preferences.", no_args_is_help=True)
 align_app.add_typer(collect_app, name="collect")
 align_app.add_typer(reward_app, name="reward")
+
+
+@align_app.callback()
+def _needs_align(ctx: typer.Context) -> None:
+    # Training and evaluation need TRL, peft and accelerate. Collecting preferences does
+    # not: it runs on a serve-only install, as the /rate page it feeds does.
+    if ctx.invoked_subcommand != "collect":
+        require("align", "lmstack align")
 
 
 # ---------------------------------------------------------------------------- PPO / DPO / eval

@@ -36,6 +36,8 @@ from starlette.datastructures import UploadFile
 from lmstack.errors import InputError
 from lmstack.httpapi import DONE, SSEResponse, error_event
 
+STATIC_DIR = Path(__file__).parent / "static"  # the page's Documents tab: mounted by serve
+PAGE_SCRIPT = "docs.js"
 DEFAULT_STORE = "./lmstack-docs.db"
 MAX_UPLOAD_FILES = 100
 MAX_FILE_NAME_BYTES = 255  # in UTF-8: a file name's limit on ext4, XFS and most others

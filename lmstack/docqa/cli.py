@@ -9,11 +9,19 @@ from pathlib import Path
 import typer
 
 from lmstack.errors import InputError
+from lmstack.extras import require
 
 docs_app = typer.Typer(
     help="Document library: ingest files, search them, evaluate retrieval.",
     no_args_is_help=True,
 )
+
+
+@docs_app.callback()
+def _needs_docqa() -> None:
+    # Every `lmstack docs` command reads the vector store or the embedder: say which extra
+    # to install before a sub-command fails on its first import.
+    require("docqa", "lmstack docs")
 
 
 def _default_store() -> str:
@@ -237,6 +245,7 @@ def ask_command(
     """Answer a question from the document store, with cited sources."""
     import sys
 
+    require("docqa", "lmstack ask")
     from lmstack.docqa.answer import Answerer, label_of
     from lmstack.docqa.retrieve import check_top_k
     from lmstack.llm import make_generator

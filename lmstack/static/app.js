@@ -1,8 +1,8 @@
 // The page's entry: tabs (WAI-ARIA pattern: arrows, Home, End), the API key, each section.
-import { $ } from "./common.js";
+// The shell's sections are imported here; each mounted app's script comes from its own
+// folder (/static/<app>/), named in the #page-apps JSON that the server puts in the page.
+import { $, el } from "./common.js";
 import { initChat } from "./chat.js";
-import { initDocs } from "./docs.js";
-import { initTriage } from "./triage.js";
 import { initMetrics } from "./metrics.js";
 import { initAttention } from "./attention.js";
 
@@ -59,11 +59,24 @@ async function checkRatingPage() {
   link.setAttribute("title", "The rating page is served when lmstack serve has --ratings-db");
 }
 
+/** The mounted apps' scripts: each exports init(), which returns its tab's on-show callback.
+ * A tab whose app is not mounted (its extra is not installed) says what to install. */
+async function initApps() {
+  const node = document.getElementById("page-apps");
+  const apps = node ? JSON.parse(node.textContent) : { parts: [], off: {} };
+  for (const [tab, reason] of Object.entries(apps.off)) {
+    $(`#${tab}`).replaceChildren(el("p", { class: "status" }, `Not available on this server: ${reason}.`));
+  }
+  for (const part of apps.parts) {
+    const module = await import(part.script);
+    onShow[part.tab] = module.init();
+  }
+}
+
 initKey();
 checkRatingPage();
 initChat();
-onShow.docs = initDocs();
-initTriage();
+await initApps();
 onShow.metrics = initMetrics();
 onShow.attention = initAttention();
 initTabs();

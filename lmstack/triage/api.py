@@ -12,6 +12,7 @@ CLI.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -21,6 +22,8 @@ from lmstack.errors import InputError
 from lmstack.httpapi import parse_body
 from lmstack.triage.schema import Ticket
 
+STATIC_DIR = Path(__file__).parent / "static"  # the page's Triage tab: mounted by serve
+PAGE_SCRIPT = "triage.js"
 MAX_TICKETS_PER_REQUEST = 64
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import typer
 from typer.core import TyperGroup
 
+from lmstack.extras import require
 from lmstack.triage.classifier import DEFAULT_COVERAGE
 
 
@@ -33,6 +34,13 @@ triage_app = typer.Typer(
     cls=_DefaultRun,
     help="Support-ticket triage: category, urgency, entities, summary and reply as JSON.",
 )
+
+
+@triage_app.callback()
+def _needs_triage() -> None:
+    # The category classifier embeds tickets and training needs peft: name the extra first.
+    require("triage", "lmstack triage")
+
 
 BATCH = 128  # tickets in flight at once: below the engine's waiting-queue bound
 

@@ -6,6 +6,7 @@ test-artifacts/. Without a browser these tests skip, except under CI=true, where
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import httpx
@@ -22,16 +23,10 @@ LONG = 180_000  # ms: generation on a shared 2-core CPU
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from lmstack.engine.async_engine import AsyncLLMEngine
-
-    engine = AsyncLLMEngine(dtype="bfloat16", num_kv_tokens=8192)
+def server(engine, tmp_path_factory):
     store = tmp_path_factory.mktemp("ui") / "docs.db"
-    try:
-        with live_server(build_app(engine, "m", docs_store=str(store))) as url:
-            yield url
-    finally:
-        engine.shutdown()
+    with live_server(build_app(engine, "m", docs_store=str(store))) as url:
+        yield url
 
 
 @pytest.fixture
@@ -227,3 +222,25 @@ def test_keyboard_labels_and_a_narrow_screen(page):
         assert overflow <= 0, f"{tab} is wider than a 390 px screen by {overflow} px"
     page.click("#tab-chat")
     shot(page, "narrow-chat")
+
+
+def test_a_tab_whose_app_is_not_installed_says_which_extra(browser, engine, monkeypatch):
+    # pymilvus absent (import raises): the server leaves document Q&A out, the page says why
+    # on its tab and loads the other apps' scripts as usual.
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    with live_server(build_app(engine, "m")) as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        tab = context.new_page()
+        problems: list[str] = []
+        tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        tab.goto(url + "/#docs")
+        tab.wait_for_selector("#docs p.status")
+        text = tab.text_content("#docs")
+        assert "pip install 'lmstack[docqa]' (missing: pymilvus)" in text, text
+        assert tab.locator("#drop").count() == 0
+        shot(tab, "docs-not-installed")
+        tab.click("#tab-triage")
+        tab.click("#triage-example")  # triage's script ran: its button fills the ticket
+        assert tab.input_value("#triage-subject").startswith("Can't access")
+        context.close()
+    assert not problems, problems

@@ -63,9 +63,15 @@ def test_page_and_its_scripts_are_served(http):
         seen.add(path)
         asset = http.get(path)
         assert asset.status_code == 200, path
-        for name in re.findall(r"""from "\./([\w.]+)";""", asset.text):
-            pending.append(f"/static/{name}")
-    assert {"/static/app.js", "/static/chat.js", "/static/docs.js", "/static/metrics.js"} <= seen
+        folder = path.rpartition("/")[0]
+        for target in re.findall(r"""from "((?:\./|/static/)[\w./]+)";""", asset.text):
+            pending.append(folder + target[1:] if target.startswith("./") else target)
+    # The shell's scripts, and each app's from its own folder (named in the page's JSON).
+    shell = {"/static/app.js", "/static/chat.js", "/static/common.js", "/static/metrics.js"}
+    assert shell | {"/static/docqa/docs.js", "/static/triage/triage.js"} <= seen
+    apps = re.search(r'<script type="application/json" id="page-apps">(.*?)</script>', page.text)
+    parts = json.loads(apps.group(1))["parts"]
+    assert {p["script"] for p in parts} == {"/static/docqa/docs.js", "/static/triage/triage.js"}
 
 
 def test_an_empty_store_is_a_400_that_says_so(engine, tmp_path):

@@ -1,7 +1,8 @@
 // Documents: upload (drag and drop, several files, XHR progress), the library, and questions
 // answered with numbered citations that open the cited chunk, plus the prompt budget.
-import { $, authHeaders, el, errorText, fmt, request, setStatus, streamJSON } from "./common.js";
-import { stackedBar } from "./charts.js";
+// The docqa app's page script: app.js imports it when the server mounts document Q&A.
+import { $, authHeaders, el, errorText, fmt, request, setStatus, streamJSON } from "/static/common.js";
+import { stackedBar } from "/static/charts.js";
 
 let askController = null;
 
@@ -160,7 +161,7 @@ async function ask() {
   $("#ask-stop").disabled = true;
 }
 
-export function initDocs() {
+export function init() {
   const drop = $("#drop");
   const input = $("#doc-files");
   input.addEventListener("change", () => { upload([...input.files]); input.value = ""; });

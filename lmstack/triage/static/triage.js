@@ -1,6 +1,7 @@
 // Triage: one pasted ticket or a CSV/JSONL file through POST /v1/triage; entities are
 // highlighted where they occur in the ticket's text; results download as JSONL.
-import { $, el, postJSON, setStatus } from "./common.js";
+// The triage app's page script: app.js imports it when the server mounts triage.
+import { $, el, postJSON, setStatus } from "/static/common.js";
 
 const EXAMPLE = {
   subject: "Can't access my account after payment",
@@ -136,7 +137,7 @@ async function triageMany(tickets, status) {
   return pairs;
 }
 
-export function initTriage() {
+export function init() {
   const status = $("#triage-status");
   $("#triage-example").addEventListener("click", () => {
     $("#triage-subject").value = EXAMPLE.subject;
