@@ -22,6 +22,7 @@ LAYER_OF = {
     "lmstack.httpapi": "base",  # OpenAI-shaped errors, JSON bodies, SSE: for every router
     "lmstack.config": "base",
     "lmstack.cpu": "base",
+    "lmstack.version": "base",  # __version__, for GET /version
     "lmstack.kernels": "kernels",
     "lmstack.model": "model",
     "lmstack.models": "models",
