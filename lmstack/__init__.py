@@ -14,7 +14,7 @@ from lmstack.cpu import apply_isa_env  # noqa: E402
 
 apply_isa_env()
 
-__version__ = "0.1.0"
+from lmstack.version import __version__ as __version__  # noqa: E402  (re-exported)
 
 __all__ = ["LLM", "SamplingParams"]
 

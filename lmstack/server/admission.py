@@ -4,8 +4,8 @@ In this order, each refusal in OpenAI's error shape and costing nothing:
 
     Host not a name of this server, on loopback (rebinding)  403 host_not_allowed
     Origin neither this server nor --allowed-origin          403 origin_not_allowed
-    draining (/v1, /rate/api)                                503
-    API key missing or wrong (/v1, /metrics)                 401 invalid_api_key
+    draining (/v1, /rate/api, /tokenize, /detokenize)        503
+    API key missing or wrong (those but /rate/api, /metrics) 401 invalid_api_key
     POST/PUT/PATCH/DELETE that a page on another site could  415 unsupported_media_type
       send: anything but application/json, except multipart
       or no body with `X-Requested-With: lmstack`
@@ -36,6 +36,8 @@ from lmstack.httpapi import error_response
 from lmstack.server.state import RequestRecord, ServerState
 
 WORK_PREFIXES = ("/v1/", "/rate/api/")  # drained, counted in flight, logged
+# vLLM's routes outside /v1 that run the model's tokenizer: work, and keyed like /v1.
+WORK_PATHS = frozenset({"/tokenize", "/detokenize"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CSRF_HEADER = ("X-Requested-With", "lmstack")  # the bundled pages send it with uploads
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -126,7 +128,7 @@ class AdmissionMiddleware:
             return
         state = self.state
         method, path = scope["method"], scope["path"]
-        work = path.startswith(WORK_PREFIXES)
+        work = path.startswith(WORK_PREFIXES) or path in WORK_PATHS
         upload = (method, path) in state.upload_routes
         record = RequestRecord(method, path)
         if work:
@@ -175,10 +177,11 @@ class AdmissionMiddleware:
         if refusal is not None:
             return refusal
         if work and state.draining:
-            state.metrics.rejected.labels(reason="draining").inc()
+            state.metrics.reject("draining")
             return error_response(503, "server is shutting down", "service_unavailable")
         path = scope["path"]
-        keyed = path.startswith("/v1/") or (path == "/metrics" and not state.metrics_public)
+        keyed = path.startswith("/v1/") or path in WORK_PATHS
+        keyed = keyed or (path == "/metrics" and not state.metrics_public)
         if keyed and state.api_key is not None:
             auth = _header(scope, b"authorization") or b""
             scheme, _, given = auth.partition(b" ")

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app around one AsyncLLMEngine (vLLM's OpenAI server, small).
 
-It serves the OpenAI API and the operational routes (/health, /ready, /metrics) and knows
+It serves the OpenAI API (and /v1/embeddings when given an embedder), vLLM's /tokenize,
+/detokenize and /version, and the operational routes (/health, /ready, /metrics); it knows
 no app: document Q&A, triage, ratings, the attention explainer and the web page are
 mounted on it by the composition root (lmstack/serve.py), through `register_upload_route`
 for routes that take large bodies.
@@ -28,10 +29,13 @@ from lmstack.errors import ContextLengthError, EngineDeadError, InputError, Lmst
 from lmstack.httpapi import APIError, error_response, parse_body
 from lmstack.server import protocol as p
 from lmstack.server.admission import AdmissionMiddleware, allowed_origins
+from lmstack.server.embeddings import EmbeddingLimits, EmbeddingService, add_embedding_routes
 from lmstack.server.limits import RequestLimits
-from lmstack.server.metrics import ServerMetrics
+from lmstack.server.metrics import EmbeddingMetrics, ServerMetrics
 from lmstack.server.serving import chat_response, completion_response
 from lmstack.server.state import RequestRecord, ServerState
+from lmstack.server.tokenization import add_tokenize_routes
+from lmstack.version import __version__
 
 logger = logging.getLogger("lmstack.server")
 
@@ -50,9 +54,14 @@ def create_app(
     max_concurrent_uploads: int = 2,
     allowed_origin: list[str] | tuple[str, ...] = (),
     metrics_public: bool = False,
+    embedder=None,
+    embedding_limits: EmbeddingLimits | None = None,
 ) -> FastAPI:
     """The OpenAI app for one engine; several apps may share an engine (each has its own
-    metrics). Admission (lmstack/server/admission.py) covers every route mounted on it."""
+    metrics). Admission (lmstack/server/admission.py) covers every route mounted on it.
+
+    With `embedder` (lmstack.embed.Embedder, or anything with its methods) the app also
+    serves /v1/embeddings (lmstack/server/embeddings.py) and lists the embedder's model."""
     if api_key is not None and not api_key.strip():
         raise InputError(
             "--api-key is empty (LMSTACK_API_KEY too?): give a key, or leave both unset"
@@ -62,7 +71,7 @@ def create_app(
         served_model_name=served_model_name,
         api_key=api_key,
         max_body_bytes=max_body_bytes,
-        metrics=ServerMetrics(engine),
+        metrics=ServerMetrics(engine, served_model_name),
         renderer=p.TokenRenderer(engine.tokenizer),
         max_request_tokens=engine.max_request_tokens,
         limits=(limits or RequestLimits()).resolved(engine.max_request_tokens),
@@ -71,7 +80,11 @@ def create_app(
         allowed_origins=allowed_origins(allowed_origin),
         metrics_public=metrics_public,
     )
-    app = FastAPI(title="lmstack", version="0.1.0", docs_url=None, redoc_url=None)
+    if embedder is not None:
+        embedding_metrics = EmbeddingMetrics(state.metrics.registry, embedder.model_id)
+        bounds = embedding_limits or EmbeddingLimits()
+        state.embeddings = EmbeddingService(embedder, bounds, embedding_metrics)
+    app = FastAPI(title="lmstack", version=__version__, docs_url=None, redoc_url=None)
     app.state.server = state
     app.state.max_json_depth = state.limits.max_json_depth  # for lmstack.httpapi.parse_body
     app.add_middleware(AdmissionMiddleware, state=state)
@@ -111,7 +124,7 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
         if isinstance(exc, EngineDeadError):  # the step thread stopped: a restart is needed
             return error_response(503, str(exc), "server_error", None, "engine_dead")
         if isinstance(exc, QueueFullError):
-            state.metrics.rejected.labels(reason="queue_full").inc()
+            state.metrics.reject("queue_full")
             headers = {"Retry-After": str(RETRY_AFTER_S)}
             return error_response(429, str(exc), "rate_limit_error", None, "queue_full", headers)
         code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
@@ -140,13 +153,7 @@ def _record(request: Request) -> RequestRecord:
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.served_model_name:
-        raise APIError(
-            404,
-            f"model {model!r} does not exist; this server serves {state.served_model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
+    state.check_model(model)
 
 
 # ---------------------------------------------------------------------------- routes
@@ -185,7 +192,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             dtype=state.engine.precision["dtype"],
             dtype_reason=state.engine.precision["reason"],
         )
-        return p.ModelList(data=[card]).model_dump()
+        cards = [card]
+        if state.embeddings is not None:
+            cards.append(state.embeddings.card(state.created))
+        return p.ModelList(data=cards).model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -198,3 +208,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         body = await parse_body(request, p.CompletionRequest)
         _check_model(state, body.model)
         return await completion_response(state, request, body, _record(request))
+
+    add_tokenize_routes(app, state)  # /tokenize, /detokenize, /version (vLLM's)
+    if state.embeddings is not None:
+        add_embedding_routes(app, state, state.embeddings)

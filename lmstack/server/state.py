@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from lmstack.engine.async_engine import AsyncLLMEngine
+from lmstack.httpapi import APIError
 from lmstack.server import protocol as p
 from lmstack.server.limits import RequestLimits
 from lmstack.server.metrics import ServerMetrics
@@ -60,6 +61,19 @@ class ServerState:
     max_concurrent_uploads: int = 2
     uploads_running: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
+    # /v1/embeddings (lmstack.server.embeddings.EmbeddingService) when the app has an
+    # embedder; None: the route and its /v1/models entry are absent.
+    embeddings: object | None = None
+
+    def check_model(self, model: str | None) -> None:
+        """A request's `model`: absent, or the served model's name (else 404)."""
+        if model is not None and model != self.served_model_name:
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def room(self, prompt_tokens: int) -> int:
         """Output tokens left for a prompt; at least 1 so the engine names the real limit."""

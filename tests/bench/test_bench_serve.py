@@ -49,6 +49,49 @@ def test_summary_statistics_and_goodput():
     assert s["goodput"]["fraction"] == pytest.approx(0.4)
 
 
+VLLM_KEYS = {
+    "duration",
+    "completed",
+    "failed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "request_goodput",
+    "output_throughput",
+    "total_token_throughput",
+} | {
+    f"{stat}_{name}_ms"
+    for stat in ("mean", "median", "std", "p50", "p90", "p99")
+    for name in ("ttft", "tpot", "itl", "e2el")
+}
+
+
+def test_summary_has_vllm_bench_serve_keys():
+    # The flat names `vllm bench serve --save-result` writes, in ms, beside lmstack's own.
+    results = [
+        RequestResult(
+            ok=True, start=0, ttft=t, e2e=t + 1.0, output_tokens=11, prompt_tokens=5, itl=[0.1] * 10
+        )
+        for t in (0.1, 0.2, 0.3, 0.4)
+    ] + [RequestResult(ok=False, start=0, error="http_429")]
+    s = summarize(results, wall=2.0, slo_ttft=0.25)
+    assert set(s) >= VLLM_KEYS
+    assert s["duration"] == 2.0 and s["completed"] == 4 and s["failed"] == 1
+    assert s["total_input_tokens"] == 20 and s["total_output_tokens"] == 44
+    assert s["output_throughput"] == pytest.approx(22.0)
+    assert s["total_token_throughput"] == pytest.approx(32.0)
+    assert s["request_throughput"] == pytest.approx(2.0)
+    assert s["request_goodput"] == pytest.approx(1.0)
+    assert s["mean_ttft_ms"] == pytest.approx(250) and s["median_ttft_ms"] == pytest.approx(250)
+    assert s["std_ttft_ms"] == pytest.approx(111.803, abs=1e-3)  # population, as numpy's
+    assert s["p99_ttft_ms"] == pytest.approx(397, abs=1e-6)
+    assert s["mean_tpot_ms"] == pytest.approx(100) and s["mean_itl_ms"] == pytest.approx(100)
+    assert s["std_itl_ms"] == pytest.approx(0, abs=1e-9)
+    assert s["mean_e2el_ms"] == pytest.approx(1250)
+    # Without an SLO vLLM writes no goodput either.
+    assert summarize(results, wall=2.0)["request_goodput"] is None
+
+
 def test_closed_and_open_loop_against_a_live_server(server_url, model):
     _, tok = model
     specs = random_dataset(tok, 6, input_len=16, output_len=8, seed=0)
@@ -105,6 +148,9 @@ def test_bench_serve_cli_writes_json_and_plots(server_url, tmp_path, capsys):
     assert exc.value.code == 0
     summary = json.loads(out.read_text())
     assert summary["completed"] == 4 and summary["goodput"]["fraction"] == 1.0
+    assert set(summary) >= VLLM_KEYS and summary["request_goodput"] > 0
+    assert summary["total_output_tokens"] == 24 and summary["median_ttft_ms"] > 0
+    assert summary["endpoint"] == "completions" and summary["max_concurrency"] == 2
     records = summary["per_request"]
     assert len(records) == 4 and all(r["ok"] and r["output_tokens"] > 0 for r in records)
     e2e = sorted(r["e2e_s"] for r in records)

@@ -52,6 +52,11 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def finished(reason: str) -> str:
+    """The /metrics key of requests finished for `reason` (every series names the model)."""
+    return f'lmstack:request_success_total{{finished_reason="{reason}",model_name="m"}}'
+
+
 def scrape(server: str) -> dict[str, float]:
     samples = {}
     for line in httpx.get(f"{server}/metrics").text.splitlines():
@@ -85,9 +90,7 @@ def test_chat_streams_token_by_token_and_stop_aborts_on_the_server(page, server)
     assert re.search(r"TTFT \d[\d,]* ms", figures.text_content())
     # Closing the stream made the server abort the engine request.
     assert wait_for(
-        lambda: (
-            scrape(server).get('lmstack:request_success_total{finished_reason="abort"}', 0) >= 1
-        ),
+        lambda: scrape(server).get(finished("abort"), 0) >= 1,
         timeout=10,
     )
     page.fill("#chat-max-tokens", "8")
@@ -171,7 +174,7 @@ def test_triage_highlights_the_order_number(page):
 
 
 def test_metrics_show_the_requests_served(page, server):
-    if scrape(server).get('lmstack:request_success_total{finished_reason="stop"}', 0) == 0:
+    if scrape(server).get(finished("stop"), 0) == 0:
         httpx.post(  # run alone: make sure there is something to count
             f"{server}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},

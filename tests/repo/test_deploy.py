@@ -30,6 +30,12 @@ EXPORTED = {
     "preemptions_total",
     "prefix_cache_queries_total",
     "prefix_cache_hits_total",
+    "embedding_requests_total",
+    "embedding_inputs_total",
+    "embedding_prompt_tokens_total",
+    "embedding_batches_total",
+    "embedding_batch_inputs",
+    "embedding_request_latency_seconds",
 }
 
 
@@ -74,3 +80,19 @@ def test_rules_and_dashboard_use_exported_metrics_only():
     assert used_metrics(rules) <= EXPORTED
     assert used_metrics(exprs) <= EXPORTED
     assert len(dashboard["panels"]) >= 8 and dashboard["uid"] == "lmstack-serving"
+
+
+def test_dashboard_selects_series_by_model_name_as_vllm_labels_them():
+    # Every lmstack series carries model_name; the generation panels filter on the chosen
+    # models, the embedding panels (the embedding model has its own name) group by it.
+    dashboard = json.loads((DEPLOY / "grafana" / "lmstack-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "model_name" in variables["model_name"]["query"]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            if "lmstack:embedding_" in expr:
+                assert "by (model_name)" in expr or "by (le, model_name)" in expr, expr
+            else:
+                selectors = re.findall(r"lmstack:[a-z0-9_]+\{([^}]*)\}", expr)
+                assert selectors and all('model_name=~"$model_name"' in s for s in selectors), expr

@@ -23,6 +23,7 @@ LAYER_OF = {
     "lmstack.config": "base",
     "lmstack.cpu": "base",
     "lmstack.extras": "base",  # which optional packages each app needs, checked on entry
+    "lmstack.version": "base",  # __version__, for GET /version
     "lmstack.kernels": "kernels",
     "lmstack.model": "model",
     "lmstack.models": "models",

@@ -49,12 +49,18 @@ METRIC_NAMES = [
 
 
 def scrape(http: httpx.Client) -> dict[str, float]:
-    """/metrics as {'name{labels}': value}."""
+    """/metrics as {'name{labels}': value}, with the `model_name` label, which every lmstack
+    series carries as vLLM's do, checked and left out of the keys."""
     text = http.get("/metrics").text
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             key, value = line.rsplit(" ", 1)
+            if key.startswith("lmstack:"):
+                label = f'model_name="{MODEL}"'
+                assert label in key, key
+                key = re.sub(r',?model_name="[^"]*"', "", key).replace("{,", "{")
+                key = key.replace("{}", "")
             samples[key] = float(value)
     return samples
 
