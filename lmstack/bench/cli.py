@@ -332,6 +332,9 @@ def compare_command(
     input_len: int = typer.Option(130, "--input-len"),
     output_len: int = typer.Option(128, "--output-len"),
     seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="lmstack's precision (default: what `serve` picks here)"
+    ),
     json_out: str | None = typer.Option(None, "--json", help="Write the result as JSON here"),
 ) -> None:
     """lmstack serve vs llama.cpp's llama-server on one GGUF: single stream and N users."""
@@ -360,7 +363,12 @@ def compare_command(
     }
     console = Console(stderr=True)
     result = compare.run_compare(
-        Path(llama_server), path, workloads, input_len + output_len, log=console.log
+        Path(llama_server),
+        path,
+        workloads,
+        input_len + output_len,
+        lmstack_args=["--dtype", dtype],
+        log=console.log,
     )
     typer.echo(compare.to_markdown(result))
     if json_out:

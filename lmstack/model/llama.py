@@ -29,6 +29,7 @@ from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
 from lmstack.kernels import ops, qops
+from lmstack.model.qlinear import BF16_MIN_ROWS
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
 
 log = logging.getLogger("lmstack.engine")
@@ -202,6 +203,7 @@ class LlamaModel(nn.Module):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.bf16_prefill = False  # set by qlinear.add_bf16_prefill
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta
         )
@@ -212,6 +214,8 @@ class LlamaModel(nn.Module):
         if len(self.layers) and x.dim() == 2 and ops.usable(x, self.norm.weight):
             # A step over a paged fp32 cache with block-quantized layers: one call.
             layout = getattr(cache, "paged_layout", None)
+            if self.bf16_prefill and x.shape[0] >= BF16_MIN_ROWS:
+                layout = None  # a prompt chunk: per layer, on the layers' bf16 copies
             args = self._stack_args() if layout is not None else None
             layout = layout() if args is not None and isinstance(rope, KernelRope) else None
             if layout is not None:
@@ -351,10 +355,13 @@ class LlamaForCausalLM(nn.Module):
 
             quantize_int8(net)
         elif blocks:
-            from lmstack.model.qlinear import quantize_model
+            from lmstack.model.qlinear import add_bf16_prefill, quantize_model
             from lmstack.model.weights import source_gguf
 
             quantize_model(net, dtype_name, source_gguf(model))
+            if add_bf16_prefill(net):
+                log.info("steps of %d+ tokens run on a bf16 copy of the layers", BF16_MIN_ROWS)
+                dtype_reason += f"; steps of {BF16_MIN_ROWS}+ tokens on a bf16 copy of the layers"
         elif pack:
             from lmstack.model.packed import pack_linears
 

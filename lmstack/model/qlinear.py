@@ -37,8 +37,15 @@ BITS = {"q4_1": 4, "q4_0": 4, "q8_0": 8}
 _BLOCK = qops.Q_BLOCK
 
 
+# Steps of at least this many rows take a layer's bf16 copy where it has one (see
+# `add_bf16_prefill`): below it the integer kernel's fewer bytes win, above it the bf16
+# kernel's 512-bit dot products do (lmstack bench kernels, AVX512-BF16 CPUs).
+BF16_MIN_ROWS = 32
+
+
 class QuantLinear(nn.Module):
-    """y = x W^T with W in the kernel's Q4 (Q4_1/Q4_0) or Q8 (Q8_0) tiles."""
+    """y = x W^T with W in the kernel's Q4 (Q4_1/Q4_0) or Q8 (Q8_0) tiles, and optionally a
+    bf16 copy of the same (dequantized) weight for steps of many rows."""
 
     def __init__(self, packed: torch.Tensor, out_features: int, bits: int, source: str):
         super().__init__()
@@ -47,10 +54,15 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.bits = bits
         self.source = source  # "gguf" (the file's own blocks) or "quantized" (at load)
+        self.register_buffer("bf16", None)  # ops.pack_bf16 layout, see add_bf16_prefill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and ops.usable(x) and qops.linear_q_supported():
-            return qops.linear_q(x, self.packed, self.out_features, self.bits)
+        if x.dtype == torch.float32 and ops.usable(x):
+            if self.bf16 is not None and x.numel() >= BF16_MIN_ROWS * self.in_features:
+                y = ops.linear_bf16(x.to(torch.bfloat16), self.bf16, self.out_features)
+                return y.float()
+            if qops.linear_q_supported():
+                return qops.linear_q(x, self.packed, self.out_features, self.bits)
         return F.linear(x, self.dequantized().to(x.dtype))
 
     def dequantized(self) -> torch.Tensor:
@@ -223,6 +235,28 @@ def quantize_model(net, fmt: str, gguf_path: Path | None) -> dict[str, int]:
         setattr(parent, attr, QuantLinear(packed, n, bits, source))
         counts[source] += 1
     return counts
+
+
+def add_bf16_prefill(net) -> int:
+    """On CPUs that multiply bf16 natively, give every decoder layer's QuantLinear a bf16 copy
+    of its dequantized weight, for prefill. Decode steps read the 4-bit blocks (a quarter of
+    bf16's bytes: memory-bound, the integer kernel wins); prompt chunks are compute-bound,
+    and there the AVX512-BF16 kernel multiplies about twice as fast as the 256-bit integer
+    one. Costs the bf16 bytes of the layers (212 MB for the bundled model; the LM head, which
+    a step runs on one row per sequence, keeps only its blocks). Returns the layers given one."""
+    from lmstack.cpu import native_bf16
+
+    if not (native_bf16() and ops.linear_bf16_supported()):
+        return 0
+    count = 0
+    for layer in net.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if isinstance(lin, QuantLinear) and lin.in_features % 2 == 0:
+                lin.bf16 = ops.pack_bf16(lin.dequantized().to(torch.bfloat16))
+                count += 1
+    net.model.bf16_prefill = count > 0
+    return count
 
 
 def layer_stack_args(model) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:

@@ -95,7 +95,7 @@ def test_bench_kernels_reports_both_sides(capsys, tmp_path):
         expected.add("linear (layer + LM head)")
         expected.add("linear, decode step (oneDNN packed vs compiled)")
         expected.add("prefill attention (paged, one layer)")  # the tiled kernel
-    elif dtype == "gguf":  # AVX2: the integer kernel on the file's blocks, fp32 attention
+    elif dtype == "gguf":  # the integer kernel on the file's blocks (either CPU kind)
         expected.add(f"linear (layer + LM head), fp32 packed vs gguf ({qops.linear_q_path()})")
         expected.add("linear, decode step (fp32 oneDNN packed vs gguf)")
         expected.add("prefill attention (paged, one layer)")  # per-query fp32 kernel

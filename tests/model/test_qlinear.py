@@ -149,14 +149,20 @@ def test_gguf_blocks_decode_to_what_gguf_dequantizes():
         torch.testing.assert_close(w.view(n, k), ref, rtol=0, atol=1e-6)
 
 
-def test_gguf_model_keeps_the_files_blocks_and_matches_fp32(model):
+@pytest.fixture(scope="module")
+def gguf_net():
     from lmstack.model.llama import LlamaForCausalLM
 
-    net = LlamaForCausalLM.from_pretrained("bundled", "gguf")
+    return LlamaForCausalLM.from_pretrained("bundled", "gguf")
+
+
+def test_gguf_model_keeps_the_files_blocks_and_matches_fp32(model, gguf_net):
+    net = gguf_net
     layers = [m for m in net.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 4 * 30 + 1 and all(m.source == "gguf" for m in layers)
     assert sum(m.bits == 8 for m in layers) == 1  # the LM head: the file's Q8_0 embedding
-    assert net.weight_bytes() < 0.4 * model[0].weight_bytes()
+    copies = sum(m.bf16.numel() * 2 for m in layers if m.bf16 is not None)
+    assert net.weight_bytes() - copies < 0.4 * model[0].weight_bytes()
     # The dequantized tiles are the fp32 model's weights (same file, same values; RoPE rows
     # of q and k un-interleaved alike), to fp32 rounding of d * q + m.
     state = fuse_hf_state_dict(load_state_dict(resolve_model("bundled")), 30)
@@ -178,6 +184,33 @@ def test_gguf_model_keeps_the_files_blocks_and_matches_fp32(model):
     assert abs(nll_q - nll_f) < 0.02 * nll_f + 0.01
 
 
+def test_prompt_chunks_take_a_bf16_copy_exactly_where_the_cpu_multiplies_bf16(gguf_net):
+    # On AVX512-BF16/AMX CPUs each decoder layer keeps a bf16 copy of its dequantized blocks
+    # for steps of BF16_MIN_ROWS rows or more (prefill is compute-bound; the bf16 kernel is
+    # the faster one there); smaller steps and the LM head stay on the integer kernel.
+    from lmstack.kernels import ops
+    from lmstack.model.qlinear import BF16_MIN_ROWS
+
+    native = cpu.native_bf16() and ops.linear_bf16_supported()
+    layers = [m for m in gguf_net.model.modules() if isinstance(m, QuantLinear)]
+    assert all((m.bf16 is not None) == native for m in layers)
+    assert gguf_net.lm_head.bf16 is None and gguf_net.model.bf16_prefill == native
+    assert ("bf16 copy" in gguf_net.dtype_reason) == native
+    lin = gguf_net.model.layers[2].mlp.gate_up_proj
+    weight = lin.dequantized()
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for rows in (BF16_MIN_ROWS - 1, BF16_MIN_ROWS, 130):
+            x = torch.randn(rows, lin.in_features, generator=gen)
+            out = lin(x)
+            assert out.dtype == torch.float32 and out.shape == (rows, lin.out_features)
+            if native and rows >= BF16_MIN_ROWS:
+                ref = F.linear(x.bfloat16().float(), weight.bfloat16().float())
+                assert ((out - ref).abs() <= 2**-7 * ref.abs() + 1e-2).all()
+            else:
+                assert torch.equal(out, qops.linear_q(x, lin.packed, lin.out_features, lin.bits))
+
+
 def test_quantized_layer_falls_back_to_its_dequantized_weight():
     packed, weight = _q8_weight(32, 64)
     layer = QuantLinear(packed, 32, 8, "quantized")
@@ -191,15 +224,19 @@ def test_quantized_layer_falls_back_to_its_dequantized_weight():
     assert torch.equal(pack_float(weight, "q8_0"), packed)  # re-quantizing Q8_0 is exact
 
 
-def test_auto_dtype_follows_the_cpu():
+def test_auto_dtype_follows_the_cpu_and_the_model(tmp_path):
+    # The bundled GGUF runs its own blocks wherever the integer kernel does (on either CPU
+    # kind); a float checkpoint runs bf16 where the CPU has it, Q8_0 elsewhere.
     name, why = precision.choose_dtype("bundled")
+    assert name == ("gguf" if qops.linear_q_supported() else "float32")
+    assert cpu.isa_level() in why
+    name, _ = precision.choose_dtype(tmp_path)  # a directory: an HF checkpoint, no .gguf
     if cpu.native_bf16():
         assert name == "bfloat16"
     elif qops.linear_q_supported():
-        assert name == "gguf"
+        assert name == "q8_0"
     else:
         assert name == "float32"
-    assert cpu.isa_level() in why
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -133,7 +133,7 @@ template <int R>
 void q4_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t ldo,
              int64_t cols) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a.kb; ++b) {
@@ -148,24 +148,15 @@ void q4_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             for (int r = 0; r < R; ++r) {
                 const int8_t* xb = a.q + (row + r) * a.k + b * 32 + 8 * p;
-#if LMSTACK_VNNI
-                sum[r] = _mm256_dpbusd_epi32(sum[r], lo, broadcast4(xb));
-                sum[r] = _mm256_dpbusd_epi32(sum[r], hi, broadcast4(xb + 4));
-#else
                 sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(lo, broadcast4(xb)));
                 sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(hi, broadcast4(xb + 4)));
-#endif
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 128)));
         const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 144)));
         for (int r = 0; r < R; ++r) {
             const int64_t i = (row + r) * a.kb + b;
-#if LMSTACK_VNNI
-            const __m256 dot = _mm256_cvtepi32_ps(sum[r]);
-#else
             const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[r], ones));
-#endif
             acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[i])), acc[r]);
             acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[i]), acc[r]);
         }
@@ -176,7 +167,7 @@ void q4_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
 template <int R>
 void q8_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t ldo,
              int64_t cols) {
-    [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a.kb; ++b) {
@@ -189,12 +180,8 @@ void q8_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
             const __m256i mag = _mm256_abs_epi8(v);  // |w| as unsigned; w's sign moves to x
             for (int r = 0; r < R; ++r) {
                 const __m256i x = broadcast4(a.q + (row + r) * a.k + b * 32 + 4 * s);
-#if LMSTACK_VNNI
-                sum[r] = _mm256_dpbusd_epi32(sum[r], mag, _mm256_sign_epi8(x, v));
-#else
                 const __m256i pairs = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(x, v));
                 sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
-#endif
             }
         }
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 256)));
@@ -207,16 +194,98 @@ void q8_tile(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t l
     for (int r = 0; r < R; ++r) store_cols(out + (row + r) * ldo, acc[r], cols);
 }
 
+#if LMSTACK_VNNI
+// The same tiles with vpdpbusd. Each vpdpbusd depends on the last one into its accumulator
+// (a few cycles of latency where vpmaddubsw's 16-bit adds take one), so a row's products go
+// into kChains independent accumulators, summed once per block: a single row (decode at batch
+// 1) would otherwise wait on one chain. AVX-512VL gives 32 ymm registers, so the unpacking is
+// unrolled.
+template <int R>
+void q4_tile_vnni(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t ldo,
+                  int64_t cols) {
+    constexpr int kChains = R == 1 ? 4 : 2;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.kb; ++b) {
+        const uint8_t* t = w + b * kQ4Tile;
+        __m256i sum[R][kChains];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < kChains; ++c) sum[r][c] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * p));
+            const __m256i lo = _mm256_and_si256(v, low);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            const int c = (2 * p) % kChains;
+            for (int r = 0; r < R; ++r) {
+                const int8_t* xb = a.q + (row + r) * a.k + b * 32 + 8 * p;
+                sum[r][c] = _mm256_dpbusd_epi32(sum[r][c], lo, broadcast4(xb));
+                sum[r][c + 1] = _mm256_dpbusd_epi32(sum[r][c + 1], hi, broadcast4(xb + 4));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 128)));
+        const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 144)));
+        for (int r = 0; r < R; ++r) {
+            __m256i total = sum[r][0];
+            for (int c = 1; c < kChains; ++c) total = _mm256_add_epi32(total, sum[r][c]);
+            const int64_t i = (row + r) * a.kb + b;
+            const __m256 dot = _mm256_cvtepi32_ps(total);
+            acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[i])), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.s[i]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) store_cols(out + (row + r) * ldo, acc[r], cols);
+}
+
+template <int R>
+void q8_tile_vnni(const uint8_t* w, const Acts& a, int64_t row, float* out, int64_t ldo,
+                  int64_t cols) {
+    constexpr int kChains = R == 1 ? 4 : 2;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.kb; ++b) {
+        const uint8_t* t = w + b * kQ8Tile;
+        __m256i sum[R][kChains];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < kChains; ++c) sum[r][c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32 * s));
+            const __m256i mag = _mm256_abs_epi8(v);  // |w| as unsigned; w's sign moves to x
+            const int c = s % kChains;
+            for (int r = 0; r < R; ++r) {
+                const __m256i x = broadcast4(a.q + (row + r) * a.k + b * 32 + 4 * s);
+                sum[r][c] = _mm256_dpbusd_epi32(sum[r][c], mag, _mm256_sign_epi8(x, v));
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 256)));
+        for (int r = 0; r < R; ++r) {
+            __m256i total = sum[r][0];
+            for (int c = 1; c < kChains; ++c) total = _mm256_add_epi32(total, sum[r][c]);
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[(row + r) * a.kb + b]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) store_cols(out + (row + r) * ldo, acc[r], cols);
+}
+#define Q4_TILE q4_tile_vnni
+#define Q8_TILE q8_tile_vnni
+#else
+#define Q4_TILE q4_tile
+#define Q8_TILE q8_tile
+#endif
+
 template <bool Q4>
 void run_group(const uint8_t* w, const Acts& a, int64_t rows, float* out, int64_t ldo,
                int64_t cols) {
     int64_t row = 0;
     for (; row + kMaxRows <= rows; row += kMaxRows)
-        Q4 ? q4_tile<kMaxRows>(w, a, row, out, ldo, cols) : q8_tile<kMaxRows>(w, a, row, out, ldo, cols);
+        Q4 ? Q4_TILE<kMaxRows>(w, a, row, out, ldo, cols) : Q8_TILE<kMaxRows>(w, a, row, out, ldo, cols);
     switch (rows - row) {
-        case 3: return Q4 ? q4_tile<3>(w, a, row, out, ldo, cols) : q8_tile<3>(w, a, row, out, ldo, cols);
-        case 2: return Q4 ? q4_tile<2>(w, a, row, out, ldo, cols) : q8_tile<2>(w, a, row, out, ldo, cols);
-        case 1: return Q4 ? q4_tile<1>(w, a, row, out, ldo, cols) : q8_tile<1>(w, a, row, out, ldo, cols);
+        case 3: return Q4 ? Q4_TILE<3>(w, a, row, out, ldo, cols) : Q8_TILE<3>(w, a, row, out, ldo, cols);
+        case 2: return Q4 ? Q4_TILE<2>(w, a, row, out, ldo, cols) : Q8_TILE<2>(w, a, row, out, ldo, cols);
+        case 1: return Q4 ? Q4_TILE<1>(w, a, row, out, ldo, cols) : Q8_TILE<1>(w, a, row, out, ldo, cols);
         default: return;
     }
 }
