@@ -94,7 +94,9 @@ def render(paths: list[Path]) -> str:
         if kind not in KINDS or "meta" not in data:
             raise InputError(f"{path}: no 'kind' ({', '.join(KINDS)}) and 'meta' fields")
         m = data["meta"]
-        cpu = m["cpu"] + (" under LMSTACK_CPU_ISA=avx2" if m["lmstack_cpu_isa"] == "avx2" else "")
+        cpu = m["cpu"]
+        if m["lmstack_cpu_isa"] == "avx2":  # the switch only restricts AVX-512 machines
+            cpu += ": an AVX-512 CPU run as AVX2-only (LMSTACK_CPU_ISA=avx2)"
         body = [f"### {TITLES[kind]}", "", f"{m['date']}, commit {m['commit']}, `{path}`", ""]
         sections.setdefault(cpu, []).extend([*body, *KINDS[kind](data), ""])
     out = [
