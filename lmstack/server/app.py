@@ -50,9 +50,12 @@ def create_app(
     max_concurrent_uploads: int = 2,
     allowed_origin: list[str] | tuple[str, ...] = (),
     metrics_public: bool = False,
+    lenient: bool = False,
 ) -> FastAPI:
     """The OpenAI app for one engine; several apps may share an engine (each has its own
-    metrics). Admission (lmstack/server/admission.py) covers every route mounted on it."""
+    metrics). Admission (lmstack/server/admission.py) covers every route mounted on it.
+    `lenient`: ignore request fields lmstack does not implement instead of refusing them
+    (lmstack.server.fields)."""
     if api_key is not None and not api_key.strip():
         raise InputError(
             "--api-key is empty (LMSTACK_API_KEY too?): give a key, or leave both unset"
@@ -74,6 +77,7 @@ def create_app(
     app = FastAPI(title="lmstack", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.server = state
     app.state.max_json_depth = state.limits.max_json_depth  # for lmstack.httpapi.parse_body
+    app.state.lenient = lenient  # so is this
     app.add_middleware(AdmissionMiddleware, state=state)
     if state.allowed_origins:  # outside admission: preflights and refusals get CORS headers
         from starlette.middleware.cors import CORSMiddleware
