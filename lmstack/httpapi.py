@@ -92,7 +92,9 @@ async def parse_body(request, model: type[BaseModel]):
     """The request's JSON object validated as `model`; APIError (400) naming what is wrong.
 
     The depth limit is the app's `max_json_depth` state (set by `lmstack serve`), else the
-    default."""
+    default. The app's `lenient` state (`lmstack serve --lenient`) reaches the models as the
+    validation context {"lenient": True}: lmstack.server.fields drops unknown fields then
+    instead of refusing them."""
     raw = await request.body()
     try:
         text = raw.decode("utf-8")
@@ -106,8 +108,9 @@ async def parse_body(request, model: type[BaseModel]):
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    context = {"lenient": bool(getattr(request.app.state, "lenient", False))}
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         message, param = describe(exc)
         raise APIError(400, message, param=param) from exc
@@ -118,6 +121,8 @@ def describe(exc: ValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     first = errors[0]
     loc = first["loc"]
+    if all(err["type"] == "extra_forbidden" for err in errors):
+        return _unsupported([_where(err["loc"]) for err in errors])
     if len(errors) > 1:
         # A union member that failed reports one error per alternative; name the field they
         # share rather than one alternative's complaint.
@@ -129,14 +134,29 @@ def describe(exc: ValidationError) -> tuple[str, str | None]:
             shared = shared[:n]
         if shared:
             loc = shared
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-    where = where.lstrip(".") or "body"
+    where = _where(loc)
     if first["type"] == "missing":
         return f"{where}: field required", where
     got = json.dumps(first.get("input"), default=str)
     got = got if len(got) <= 80 else got[:77] + "..."
     what = "matches none of the accepted types" if loc != first["loc"] else first["msg"]
     return f"{where}: {what}, got {got}", where
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as a field path: messages[0].content."""
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return where.lstrip(".") or "body"
+
+
+def _unsupported(fields: list[str]) -> tuple[str, str]:
+    names = ", ".join(f"'{name}'" for name in fields)
+    noun, them = ("field", "it") if len(fields) == 1 else ("fields", "them")
+    message = (
+        f"unsupported {noun} {names}: lmstack does not implement {them} "
+        f"(`lmstack serve --lenient` ignores unknown fields)"
+    )
+    return message, fields[0]
 
 
 def _reject_constant(name: str):

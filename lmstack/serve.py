@@ -61,6 +61,7 @@ def build_app(
     max_concurrent_uploads: int = 2,
     allowed_origin: list[str] | tuple[str, ...] = (),
     metrics_public: bool = False,
+    lenient: bool = False,
     ratings_db: str | Path | None = None,
     max_note_chars: int = 2000,
     embeddings: bool = True,
@@ -91,6 +92,7 @@ def build_app(
         metrics_public=metrics_public,
         embedder=load_embedder() if embeddings else None,
         embedding_limits=embedding_limits,
+        lenient=lenient,
     )
     parts: list[PagePart] = []
     off: dict[str, str] = {}
@@ -204,10 +206,17 @@ def serve_command(
         None, "--max-json-depth", help="Nesting depth of a JSON request body (64)"
     ),
     max_schema_bytes: int | None = typer.Option(
-        None, "--max-schema-bytes", help="Size of a response_format JSON schema (65536)"
+        None, "--max-schema-bytes", help="Size of a request's JSON schema, regex or grammar (65536)"
     ),
     max_schema_depth: int | None = typer.Option(
-        None, "--max-schema-depth", help="Nesting depth of a response_format JSON schema (32)"
+        None, "--max-schema-depth", help="Nesting depth of a request's JSON schema (32)"
+    ),
+    max_tools: int | None = typer.Option(None, "--max-tools", help="Tools per chat request (128)"),
+    max_logit_bias: int | None = typer.Option(
+        None, "--max-logit-bias", help="logit_bias entries per request (300)"
+    ),
+    lenient: bool = typer.Option(
+        False, "--lenient", help="Ignore request fields lmstack does not implement (else: 400)"
     ),
     embeddings: bool = typer.Option(
         True, "--embeddings/--no-embeddings", help="Serve /v1/embeddings (bundled MiniLM)"
@@ -298,6 +307,8 @@ def serve_command(
         "max_json_depth": max_json_depth,
         "max_schema_bytes": max_schema_bytes,
         "max_schema_depth": max_schema_depth,
+        "max_tools": max_tools,
+        "max_logit_bias": max_logit_bias,
     }
     limits = RequestLimits(**{name: value for name, value in bounds.items() if value is not None})
     from lmstack.server.embeddings import EmbeddingLimits
@@ -333,6 +344,7 @@ def serve_command(
             max_concurrent_uploads=max_concurrent_uploads,
             allowed_origin=allowed_origin,
             metrics_public=metrics_public,
+            lenient=lenient,
             ratings_db=ratings_db,  # preference collection (lmstack/align): /rate, /rate/qc
             max_note_chars=max_note_chars,
             embeddings=embeddings,

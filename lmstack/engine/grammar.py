@@ -1,4 +1,5 @@
-"""Structured output: JSON schema, any JSON object, regex or a fixed choice, via llguidance.
+"""Structured output: JSON schema, any JSON object, regex, a fixed choice or a Lark grammar,
+via llguidance.
 
 `GrammarCompiler` turns a request's `StructuredOutput` into an llguidance grammar (validated
 up front, so a bad schema is the user's InputError, not a failed request mid-stream) and
@@ -129,14 +130,14 @@ class GrammarCompiler:
             if grammar is not None:
                 self._cache.move_to_end(key)
                 return grammar
-        grammar = self._build_grammar(kind, source)
+        grammar = self._build_grammar(kind, source, structured.name)
         import llguidance
 
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
             grammar, self.tokenizer
         )
         if is_error:
-            raise InputError(f"{kind} does not compile: {_one_line(messages[0])}")
+            raise InputError(f"{structured.name} does not compile: {_one_line(messages[0])}")
         with self._lock:
             self._cache[key] = grammar
             if len(self._cache) > _CACHE_SIZE:
@@ -150,59 +151,74 @@ class GrammarCompiler:
         m = llguidance.LLMatcher(self.tokenizer, self.compile(structured), log_level=0)
         if m.is_error():
             raise InputError(
-                f"{structured.kind()} does not compile: {_one_line(m.get_error().splitlines()[0])}"
+                f"{structured.name} does not compile: {_one_line(m.get_error().splitlines()[0])}"
             )
         return GrammarMatcher(m, self.tokenizer.vocab_size)
 
     @staticmethod
     def _source(kind: str, structured: StructuredOutput) -> str:
         """A canonical string per constraint: the cache key and the compiler's input."""
+        name = structured.name
         if kind == "json_schema":
-            schema = structured.json_schema
-            if isinstance(schema, str):
-                try:
-                    schema = json.loads(schema)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"json_schema is not valid JSON: {exc}") from exc
-            if not isinstance(schema, dict):
-                raise InputError(f"json_schema must be a JSON object, got {type(schema).__name__}")
-            # Key order is kept: llguidance emits properties in schema order, so two schemas
-            # that differ only in order constrain generation differently.
-            try:
-                return json.dumps(schema, separators=(",", ":"))
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"json_schema is not JSON-serialisable: {exc}") from exc
+            return canonical_schema(structured.json_schema, name)
         if kind == "json_object":
             return '{"type":"object"}'
-        if kind == "regex":
-            if not isinstance(structured.regex, str):
-                raise InputError(f"regex must be a string, got {structured.regex!r}")
-            return structured.regex
+        if kind in ("regex", "grammar"):
+            text = getattr(structured, kind)
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(f"{name} must be a non-empty string, got {text!r}")
+            return text
         choice = structured.choice
         if (
             not isinstance(choice, list)
             or not choice
             or not all(isinstance(c, str) for c in choice)
         ):
-            raise InputError(f"choice must be a non-empty list of strings, got {choice!r}")
+            raise InputError(f"{name} must be a non-empty list of strings, got {choice!r}")
         return json.dumps(choice)
 
     @staticmethod
-    def _build_grammar(kind: str, source: str) -> str:
+    def _build_grammar(kind: str, source: str, name: str) -> str:
         import llguidance
 
         matcher = llguidance.LLMatcher
-        if kind in ("json_schema", "json_object"):
-            try:
+        try:
+            if kind in ("json_schema", "json_object"):
                 return matcher.grammar_from_json_schema(source, defaults=_JSON_OPTIONS)
-            except ValueError as exc:
-                raise InputError(f"{kind} does not compile: {_one_line(str(exc))}") from exc
-        if kind == "regex":
-            return matcher.grammar_from_regex(source)
+            if kind == "regex":
+                return matcher.grammar_from_regex(source)
+            if kind == "grammar":
+                return matcher.grammar_from_lark(source)
+        except ValueError as exc:
+            raise InputError(f"{name} does not compile: {_one_line(str(exc))}") from exc
         # Lark string literals take JSON escapes, so json.dumps quotes each choice exactly
         # (quotes, backslashes, regex metacharacters and non-ASCII all stay literal).
         alternatives = " | ".join(json.dumps(c) for c in json.loads(source))
         return matcher.grammar_from_lark(f"start: {alternatives}")
+
+
+def canonical_schema(schema: dict | str | None, name: str = "json_schema") -> str:
+    """A JSON schema (an object, or its JSON text) as compact JSON; InputError naming `name`."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{name} is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise InputError(f"{name} must be a JSON object, got {type(schema).__name__}")
+    # Key order is kept: llguidance emits properties in schema order, so two schemas that
+    # differ only in order constrain generation differently.
+    try:
+        return json.dumps(schema, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} is not JSON-serialisable: {exc}") from exc
+
+
+def lark_json(schema: dict) -> str:
+    """`%json {schema}`: a JSON schema inside a Lark grammar, with the same compact JSON
+    options as a json_schema constraint (a schema's own "x-guidance" options still win)."""
+    options = {**_JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps({**schema, "x-guidance": options}, separators=(",", ":"))
 
 
 def allowed_mask(matchers: list[GrammarMatcher | None], vocab_size: int) -> torch.Tensor | None:

@@ -1,9 +1,10 @@
 """Turns one decode step's logits [B, V] into one token per sequence.
 
-Per row, in order: repetition / frequency / presence penalties, the structured-output mask,
-then greedy argmax or temperature -> top-k -> top-p -> min-p -> draw. Work is grouped by
-what the batch asks for: no penalties requested means no penalty code runs, an all-greedy
-batch is one argmax, and logprobs are computed only for rows that want them.
+Per row, in order: repetition / frequency / presence penalties, logit_bias, the
+structured-output mask, then greedy argmax or temperature -> top-k -> top-p -> min-p ->
+draw. Work is grouped by what the batch asks for: no penalties or biases requested means
+no such code runs, an all-greedy batch is one argmax, and logprobs are computed only for
+rows that want them.
 
 Draws use inverse-CDF sampling with one uniform number per row, so a seeded request's token
 depends only on its own logits and its own generator, never on its batch neighbours.
@@ -62,7 +63,7 @@ class Sampler:
         params = [s.params for s in seqs]
 
         # Never modify `logits` in place: raw logprobs are computed from it at the end.
-        work = apply_penalties(logits, seqs)
+        work = apply_logit_bias(apply_penalties(logits, seqs), logits, seqs)
         if allowed_mask is not None:
             work = _apply_mask(work, logits, allowed_mask)
 
@@ -152,6 +153,23 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         )
         out[row, tok] -= counts * fp[row, 0] + fp[row, 1]
     return out
+
+
+def apply_logit_bias(work: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]):
+    """`work` with each row's logit_bias added (one scatter for the batch); `work` itself
+    when no row has one. Never writes to `logits`, whose raw values give the logprobs."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    if not rows:
+        return work
+    if work is logits:
+        work = logits.clone()
+    biases = [seqs[i].params.logit_bias for i in rows]
+    lengths = torch.tensor([len(b) for b in biases])
+    row = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
+    tok = torch.tensor([t for b in biases for t in b], dtype=torch.long)
+    value = torch.tensor([v for b in biases for v in b.values()], dtype=work.dtype)
+    work.index_put_((row, tok), value, accumulate=True)
+    return work
 
 
 def _row_token_keys(token_lists: list[list[int]], rows: list[int], vocab: int) -> torch.Tensor:

@@ -10,12 +10,16 @@ from lmstack.errors import InputError
 
 @dataclass
 class StructuredOutput:
-    """At most one constraint: a JSON schema, any JSON object, a regex, or a fixed choice."""
+    """One constraint: a JSON schema, any JSON object, a regex, a fixed choice, or a Lark
+    grammar (llguidance's dialect). `label` is what error messages call it (the request
+    field it came from, e.g. "structured_outputs.grammar"); it is not part of the grammar."""
 
     json_schema: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None
+    label: str | None = field(default=None, compare=False)
 
     def kind(self) -> str:
         given = [
@@ -25,15 +29,21 @@ class StructuredOutput:
                 ("json_object", self.json_object or None),
                 ("regex", self.regex),
                 ("choice", self.choice),
+                ("grammar", self.grammar),
             )
             if value is not None
         ]
         if len(given) != 1:
             raise InputError(
                 f"structured output needs exactly one of json_schema, json_object, regex, "
-                f"choice; got {given or 'none'}"
+                f"choice, grammar; got {given or 'none'}"
             )
         return given[0]
+
+    @property
+    def name(self) -> str:
+        """The constraint as error messages name it."""
+        return self.label or self.kind()
 
 
 @dataclass
@@ -52,11 +62,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N >= 0: chosen token's logprob + top-N
     structured: StructuredOutput | None = None
+    # token id -> value added to its logit before sampling (OpenAI's logit_bias): -100
+    # bans a token in effect, +100 forces it.
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra: dict = field(default_factory=dict)
 
     MAX_LOGPROBS = 20
+    LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 
     def validate(self, max_model_len: int | None = None, vocab_size: int | None = None) -> None:
         """Raise InputError naming the value and the limit for anything out of range."""
@@ -129,8 +143,28 @@ class SamplingParams:
                 raise InputError(
                     f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
                 )
+        if self.logit_bias is not None:
+            self._validate_logit_bias(vocab_size)
         if self.structured is not None:
             self.structured.kind()
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise InputError(
+                f"logit_bias must be a map of token id to bias, got {self.logit_bias!r}"
+            )
+        low, high = self.LOGIT_BIAS_RANGE
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise InputError(f"logit_bias keys must be token ids, got {token!r}")
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise InputError(
+                    f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size})"
+                )
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+                raise InputError(f"logit_bias[{token}] must be a number, got {bias!r}")
+            if not (math.isfinite(bias) and low <= bias <= high):
+                raise InputError(f"logit_bias[{token}] must be in [{low:g}, {high:g}], got {bias}")
 
     @property
     def greedy(self) -> bool:

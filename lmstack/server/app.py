@@ -56,12 +56,15 @@ def create_app(
     metrics_public: bool = False,
     embedder=None,
     embedding_limits: EmbeddingLimits | None = None,
+    lenient: bool = False,
 ) -> FastAPI:
     """The OpenAI app for one engine; several apps may share an engine (each has its own
     metrics). Admission (lmstack/server/admission.py) covers every route mounted on it.
 
     With `embedder` (lmstack.embed.Embedder, or anything with its methods) the app also
-    serves /v1/embeddings (lmstack/server/embeddings.py) and lists the embedder's model."""
+    serves /v1/embeddings (lmstack/server/embeddings.py) and lists the embedder's model.
+    `lenient`: ignore request fields lmstack does not implement instead of refusing them
+    (lmstack.server.fields)."""
     if api_key is not None and not api_key.strip():
         raise InputError(
             "--api-key is empty (LMSTACK_API_KEY too?): give a key, or leave both unset"
@@ -87,6 +90,7 @@ def create_app(
     app = FastAPI(title="lmstack", version=__version__, docs_url=None, redoc_url=None)
     app.state.server = state
     app.state.max_json_depth = state.limits.max_json_depth  # for lmstack.httpapi.parse_body
+    app.state.lenient = lenient  # so is this
     app.add_middleware(AdmissionMiddleware, state=state)
     if state.allowed_origins:  # outside admission: preflights and refusals get CORS headers
         from starlette.middleware.cors import CORSMiddleware

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.errors import InputError
+from lmstack.httpapi import json_nesting
 
 # The default total of prompt tokens x n is this many full-size requests: enough for n
 # choices of a long prompt (prefix caching shares their prompt blocks), small enough that
@@ -50,11 +51,14 @@ class RequestLimits:
     # Nesting of the JSON body ([ and {); json.loads would hit Python's recursion limit
     # (a 500) near 1,000. A chat body nests 5 deep; a schema adds its own depth.
     max_json_depth: int = 64
-    # response_format json_schema, checked before its grammar is compiled: bytes of the
-    # compact serialized schema, and its nesting depth (each nested object is 2 levels:
-    # "properties" and the property's schema).
+    # Every JSON schema (response_format, structured_outputs.json, each tool's parameters),
+    # checked before its grammar is compiled: bytes of the compact serialized schema, and
+    # its nesting depth (each nested object is 2 levels: "properties" and the property's
+    # schema). The bytes also bound a structured_outputs regex or grammar.
     max_schema_bytes: int = 65536
     max_schema_depth: int = 32
+    max_tools: int = 128  # tools per chat request (OpenAI's limit)
+    max_logit_bias: int = 300  # logit_bias entries per request (OpenAI's limit)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -138,14 +142,44 @@ def check_request(body, limits: RequestLimits, num_prompts: int = 1) -> None:
         value = getattr(body, name, None)
         if value is not None and not isinstance(value, bool):
             check_range(name, value, 0, limits.max_logprobs, "max_logprobs")
+    if body.logit_bias:
+        what = "the number of logit_bias entries"
+        check_at_most(what, len(body.logit_bias), "max_logit_bias", limits.max_logit_bias)
     spec = body.response_format.json_schema if body.response_format else None
     if spec is not None and spec.json_schema is not None:
-        check_schema(spec.json_schema, limits)
+        check_schema(spec.json_schema, limits, "response_format.json_schema.schema")
+    check_structured_outputs(body.structured_outputs, limits)
+    tools = getattr(body, "tools", None) or []
+    check_at_most("the number of tools", len(tools), "max_tools", limits.max_tools)
+    for i, tool in enumerate(tools):
+        if tool.function.parameters is not None:
+            check_schema(tool.function.parameters, limits, f"tools[{i}].function.parameters")
 
 
-def check_schema(schema: dict, limits: RequestLimits) -> None:
-    """A response_format schema's size and depth, before its grammar is compiled."""
-    where = "response_format.json_schema.schema"
+def check_structured_outputs(spec, limits: RequestLimits) -> None:
+    """A structured_outputs schema, regex or grammar, before it is compiled."""
+    if spec is None:
+        return
+    if isinstance(spec.json_schema, dict):
+        check_schema(spec.json_schema, limits, "structured_outputs.json")
+    for key, text in (
+        ("json", spec.json_schema),
+        ("regex", spec.regex),
+        ("grammar", spec.grammar),
+    ):
+        if isinstance(text, str):
+            what = f"the size of structured_outputs.{key} in bytes"
+            size = len(text.encode())
+            check_at_most(what, size, "max_schema_bytes", limits.max_schema_bytes)
+    if isinstance(spec.json_schema, str):  # JSON text: its depth, before it is parsed
+        depth = json_nesting(spec.json_schema)
+        what = "the nesting depth of structured_outputs.json"
+        check_at_most(what, depth, "max_schema_depth", limits.max_schema_depth)
+
+
+def check_schema(schema: dict, limits: RequestLimits, where: str) -> None:
+    """A JSON schema's size and depth, before its grammar is compiled; `where` names the
+    request field it came from."""
     try:
         text = json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except ValueError as exc:

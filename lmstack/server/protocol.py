@@ -1,73 +1,47 @@
 """OpenAI-compatible request and response models, and the engine-to-OpenAI conversions.
 
 Requests mirror the OpenAI spec (plus vLLM-style extensions: priority, timeout, top_k, min_p,
-repetition_penalty, ignore_eos). Unknown fields are accepted and ignored, as vLLM does, so
-clients written for OpenAI keep working. Pydantic checks types here, and that every number
-is finite (JSON's 1e999 parses as inf); the server's bounds on a request's work are in
-lmstack.server.limits, range checks in SamplingParams.validate and the engine, all naming
-the value and the limit.
+repetition_penalty, ignore_eos, structured_outputs). A field lmstack does not implement is
+refused with a 400 naming it (lmstack.server.fields; `--lenient` ignores such fields
+instead); harmless metadata OpenAI clients send (`user`, `metadata`, `store`,
+`safety_identifier`) is accepted and ignored. Pydantic checks types here, and that every
+number is finite (JSON's 1e999 parses as inf); the server's bounds on a request's work are
+in lmstack.server.limits, range checks in SamplingParams.validate and the engine, all
+naming the value and the limit. Tool calling's fields and prompt format are in
+lmstack.server.tools, the decoding constraints in lmstack.server.constraints.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_serializer
 
 from lmstack.engine.outputs import TokenLogprob
 from lmstack.engine.sampling_params import SamplingParams, StructuredOutput
 from lmstack.errors import InputError
+from lmstack.server.constraints import (
+    JsonSchemaSpec,
+    ResponseFormat,
+    StructuredOutputs,
+    parse_logit_bias,
+    request_constraint,
+)
+from lmstack.server.fields import OpenAIModel, RequestModel
+from lmstack.server.tools import MessageToolCall, NamedToolChoice, Tool
+
+__all__ = ["JsonSchemaSpec", "OpenAIModel", "RequestModel", "ResponseFormat"]
 
 # torch.Generator.manual_seed takes a 64-bit value; beyond it the engine's step would raise
 # and fail every request in the batch, so the range is checked here.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
-class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data):
-        # Many clients send null for "not set", as OpenAI's API allows: the default applies.
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
-
-
 # ---------------------------------------------------------------------------- requests
-
-
-class RequestModel(OpenAIModel):
-    # inf and nan pass every range check written as `low <= x` or `x > 0`: refuse them, in
-    # every float field, naming the field.
-    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class StreamOptions(RequestModel):
     include_usage: bool = False
-
-
-class JsonSchemaSpec(RequestModel):
-    name: str | None = None
-    description: str | None = None
-    # `schema` shadows a BaseModel attribute, hence the alias.
-    json_schema: dict | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(RequestModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
-
-    def structured(self) -> StructuredOutput | None:
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return StructuredOutput(json_object=True)
-        if self.json_schema is None or self.json_schema.json_schema is None:
-            raise InputError("response_format.json_schema.schema is required for type json_schema")
-        return StructuredOutput(json_schema=self.json_schema.json_schema)
 
 
 class SamplingRequest(RequestModel):
@@ -85,8 +59,14 @@ class SamplingRequest(RequestModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    # Metadata OpenAI clients send; nothing here depends on it.
     user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None  # lmstack stores no completions either way
     # Extensions (vLLM names where vLLM has them).
+    structured_outputs: StructuredOutputs | None = None
     priority: int = 0
     timeout: float | None = None
     top_k: int = 0
@@ -107,10 +87,19 @@ class SamplingRequest(RequestModel):
         if self.seed is not None and not low <= self.seed <= high:
             raise InputError(f"seed must be in [{low}, {high}], got {self.seed}")
 
+    def constraint(self) -> StructuredOutput | None:
+        """response_format or structured_outputs (both: a 400), as one engine constraint."""
+        return request_constraint(self.response_format, self.structured_outputs)
+
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, index: int = 0
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        index: int = 0,
+        structured: StructuredOutput | None = None,
     ) -> SamplingParams:
-        """Params for choice `index`: with a seed, choice i gets seed + i so choices differ."""
+        """Params for choice `index`: with a seed, choice i gets seed + i so choices differ.
+        `structured`: the request's constraint (constraint(), or its tool-call grammar)."""
         stop = self.stop_list()
         return SamplingParams(
             max_tokens=max_tokens,
@@ -125,11 +114,16 @@ class SamplingRequest(RequestModel):
             stop=stop or None,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
-            structured=self.response_format.structured() if self.response_format else None,
+            structured=structured,
+            logit_bias=parse_logit_bias(self.logit_bias),
         )
 
 
 class TextPart(RequestModel):
+    # Other part types (image_url, ...) carry other keys: refused by type, with a clearer
+    # message than "unsupported field", in as_template_message.
+    model_config = {"extra": "ignore"}
+
     type: str
     text: str | None = None
 
@@ -138,6 +132,8 @@ class ChatMessage(RequestModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
 
     def as_template_message(self, index: int) -> dict:
         content = self.content
@@ -155,6 +151,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     def requested_max_tokens(self) -> int | None:
@@ -223,9 +222,28 @@ class ChatLogprobs(OpenAIModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = None  # null beside tool calls, as OpenAI sends it
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(OpenAIModel):
@@ -246,7 +264,9 @@ class ChatCompletionResponse(OpenAIModel):
 
 class ChatChunkChoice(OpenAIModel):
     index: int
-    delta: dict[str, str]  # {"role": ...} first, then {"content": ...}, {} with finish_reason
+    # {"role": ...} first, then {"content": ...} or {"tool_calls": [...]}, {} with
+    # finish_reason.
+    delta: dict[str, Any]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

@@ -14,13 +14,15 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from lmstack.engine.outputs import RequestOutput, TokenLogprob
-from lmstack.engine.sampling_params import SamplingParams
+from lmstack.engine.sampling_params import StructuredOutput
 from lmstack.errors import InputError
 from lmstack.httpapi import DONE, SSEResponse, error_event, event
 from lmstack.server import protocol as p
 from lmstack.server.generation import Generation
 from lmstack.server.limits import check_messages, check_prompt_tokens, check_request
 from lmstack.server.state import RequestRecord, ServerState
+from lmstack.server.tool_parser import ToolCallParser
+from lmstack.server.tools import ToolPlan, plan_tools, render_messages
 
 logger = logging.getLogger("lmstack.server")
 
@@ -48,15 +50,17 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     return task.result()
 
 
-async def _compile_grammar(state: ServerState, params: SamplingParams) -> None:
-    """Compile a structured-output grammar on a worker thread; add_request then hits the cache.
+async def _compile_grammars(state: ServerState, constraints: list[StructuredOutput | None]):
+    """Compile structured-output grammars on a worker thread; add_request then hits the cache.
 
-    add_request would compile it on the event loop: a new schema, or the first one (~1 s to
-    build the grammar tokenizer), would stall every stream meanwhile. The compiler is
-    thread-safe and caches by schema.
+    add_request would compile them on the event loop: a new schema, or the first one (~1 s
+    to build the grammar tokenizer), would stall every stream meanwhile. The compiler is
+    thread-safe and caches by schema. A grammar that does not compile is an InputError
+    naming its request field (a 400) before anything enters the engine.
     """
-    if params.structured is not None:
-        await asyncio.to_thread(state.engine.compile_grammar, params.structured)
+    todo = [c for c in constraints if c is not None]
+    if todo:
+        await asyncio.to_thread(lambda: [state.engine.compile_grammar(c) for c in todo])
 
 
 async def _respond(
@@ -99,8 +103,10 @@ async def chat_response(
     if not body.messages:
         raise InputError("messages must hold at least one message")
     check_messages(body.messages, limits)
+    constraint = body.constraint()
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, bool(constraint))
     tok = state.engine.tokenizer
-    messages = [m.as_template_message(i) for i, m in enumerate(body.messages)]
+    messages = render_messages(body.messages, plan)
     # Message text is encoded as text: only the template's own markup becomes control tokens.
     prompt_ids = tok.encode_chat(messages, body.add_generation_prompt)
     check_prompt_tokens(len(prompt_ids), body.n, limits)
@@ -108,18 +114,28 @@ async def chat_response(
     default = min(state.room(len(prompt_ids)), limits.max_output_tokens)
     max_tokens = default if requested is None else requested
     logprobs = body.engine_logprobs()
-    params = [body.sampling_params(max_tokens, logprobs, i) for i in range(body.n)]
+    if plan is not None:
+        await _compile_grammars(state, plan.schema_constraints())  # names the bad tool
+        constraint = plan.structured()
+    await _compile_grammars(state, [constraint])
+    params = [body.sampling_params(max_tokens, logprobs, i, constraint) for i in range(body.n)]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     prompts = [prompt_ids] * body.n
-    await _compile_grammar(state, params[0])
     gen = Generation(state, request_id, prompts, params, body, record, len(prompt_ids))
 
     def choice(i: int, final: RequestOutput, lps: list[TokenLogprob]) -> p.ChatChoice:
+        content, calls = final.text, None
+        if plan is not None:
+            parser = ToolCallParser()
+            parser.feed(final.text)
+            parser.finish()
+            content, made = parser.message()
+            calls = [p.ToolCall.model_validate(call) for call in made] or None
         return p.ChatChoice(
             index=i,
-            message=p.AssistantMessage(content=final.text),
+            message=p.AssistantMessage(content=content, tool_calls=calls),
             logprobs=None if logprobs is None else state.renderer.chat(lps),
-            finish_reason=final.finish_reason,
+            finish_reason=_finish_reason(final.finish_reason, bool(calls)),
         )
 
     return await _respond(
@@ -127,14 +143,19 @@ async def chat_response(
         request,
         gen,
         body.stream,
-        lambda: _chat_events(state, gen, body),
+        lambda: _chat_events(state, gen, body, plan),
         choice,
         p.ChatCompletionResponse,
     )
 
 
+def _finish_reason(reason: str | None, made_calls: bool) -> str | None:
+    """OpenAI's "tool_calls" when a reply that ended by itself made calls."""
+    return "tool_calls" if made_calls and reason == "stop" else reason
+
+
 async def _chat_events(
-    state: ServerState, gen: Generation, body: p.ChatCompletionRequest
+    state: ServerState, gen: Generation, body: p.ChatCompletionRequest, plan: ToolPlan | None
 ) -> AsyncIterator[str]:
     def chunk(choices: list[p.ChatChunkChoice], usage: p.UsageInfo | None = None) -> str:
         return event(
@@ -147,18 +168,30 @@ async def _chat_events(
             )
         )
 
+    # With tools, each choice's text goes through its parser: content, then call deltas.
+    parsers = [ToolCallParser() for _ in range(body.n)] if plan is not None else None
     try:
         for i in range(body.n):
             yield chunk([p.ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
         async for i, out in gen.outputs():
-            if out.new_text or out.new_logprobs:
-                lp = state.renderer.chat(out.new_logprobs) if out.new_logprobs else None
-                delta = {"content": out.new_text}
-                yield chunk([p.ChatChunkChoice(index=i, delta=delta, logprobs=lp)])
+            lp = state.renderer.chat(out.new_logprobs) if out.new_logprobs else None
+            if parsers is None:
+                deltas = [{"content": out.new_text}] if out.new_text or lp else []
+            else:
+                deltas = parsers[i].feed(out.new_text) if out.new_text else []
+                if out.finished:
+                    deltas += parsers[i].finish()
+                if lp is not None and not deltas:
+                    deltas = [{}]  # the tokens' logprobs still go out with their step
+            for k, delta in enumerate(deltas):
+                logprobs = lp if k == 0 else None
+                yield chunk([p.ChatChunkChoice(index=i, delta=delta, logprobs=logprobs)])
             if out.finished:
                 if out.finish_reason == "error":
                     yield error_event(f"generation failed: {out.error}")
-                yield chunk([p.ChatChunkChoice(index=i, delta={}, finish_reason=out.finish_reason)])
+                made_calls = parsers is not None and bool(parsers[i].calls)
+                reason = _finish_reason(out.finish_reason, made_calls)
+                yield chunk([p.ChatChunkChoice(index=i, delta={}, finish_reason=reason)])
         if body.include_usage:
             yield chunk([], usage=gen.usage())
     except Exception as exc:  # headers are sent: the error can only travel as an event
@@ -181,16 +214,18 @@ async def completion_response(
     prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in batch]
     prompt_tokens = sum(map(len, prompts))
     check_prompt_tokens(prompt_tokens, body.n, limits)
+    constraint = body.constraint()
     engine_prompts, params = [], []
     for ids in prompts:
         default = min(COMPLETION_DEFAULT_MAX_TOKENS, state.room(len(ids)), limits.max_output_tokens)
         max_tokens = default if body.max_tokens is None else body.max_tokens
         for _ in range(body.n):
             # Choice index over all prompts: prompt k's choices are k*n .. k*n + n-1.
-            params.append(body.sampling_params(max_tokens, body.logprobs, len(params)))
+            index = len(params)
+            params.append(body.sampling_params(max_tokens, body.logprobs, index, constraint))
             engine_prompts.append(ids)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    await _compile_grammar(state, params[0])
+    await _compile_grammars(state, [constraint])
     gen = Generation(state, request_id, engine_prompts, params, body, record, prompt_tokens)
 
     def choice(i: int, final: RequestOutput, lps: list[TokenLogprob]) -> p.CompletionChoice:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from lmstack.engine.grammar import GrammarCompiler, GrammarMatcher, allowed_mask
+from lmstack.engine.grammar import GrammarCompiler, GrammarMatcher, allowed_mask, lark_json
 from lmstack.engine.sampling_params import StructuredOutput
 from lmstack.errors import InputError
 from lmstack.model.tokenizer import Tokenizer
@@ -199,3 +199,25 @@ def test_end_to_end_json_with_the_real_model(model, compiler):
     assert matcher.is_finished()
     document = json.loads(tok.decode(out))
     jsonschema.validate(document, schema)
+
+
+def test_lark_grammar_constrains_and_bad_ones_name_their_field(compiler, tokenizer):
+    grammar = 'start: "n=" NUM\nNUM: /[0-9]{1,3}/'
+    matcher = compiler.matcher(StructuredOutput(grammar=grammar))
+    drive(matcher, tokenizer.encode("n=42"))
+    assert not matcher.accept(tokenizer.encode("x")[0])
+    for bad in ("start: (", "start: undefined_rule"):
+        with pytest.raises(InputError, match=r"^structured_outputs.grammar does not compile"):
+            compiler.compile(StructuredOutput(grammar=bad, label="structured_outputs.grammar"))
+    with pytest.raises(InputError, match="grammar must be a non-empty string"):
+        compiler.compile(StructuredOutput(grammar=" "))
+
+
+def test_lark_json_embeds_a_schema_with_compact_json(compiler, tokenizer):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    grammar = f'start: "<" args ">"\nargs: {lark_json(schema)}'
+    matcher = compiler.matcher(StructuredOutput(grammar=grammar))
+    drive(matcher, tokenizer.encode('<{"a":7}>'))
+    spaced = compiler.matcher(StructuredOutput(grammar=grammar))
+    drive(spaced, tokenizer.encode('<{"a"'))
+    assert not allowed_mask([spaced], VOCAB)[0, tokenizer.encode(" :")[0]]

@@ -10,6 +10,7 @@ import torch
 from lmstack.engine.sampler import Sampler, SampleResult, apply_penalties
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.sequence import Sequence
+from lmstack.errors import InputError
 
 
 def seq(params: SamplingParams, prompt=(1, 2, 3), output=()) -> Sequence:
@@ -280,3 +281,41 @@ def test_full_size_mixed_batch_runs():
     assert all(0 <= r.token_id < vocab for r in results)
     assert all(r.token_id < 1000 for r in results[::10])
     assert all((r.logprob is not None) == (i % 6 == 0) for i, r in enumerate(results))
+
+
+def test_logit_bias_is_added_per_row_before_sampling():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
+    seqs = [
+        seq(SamplingParams(temperature=0, logit_bias={3: 100.0})),  # forces the least likely
+        seq(SamplingParams(temperature=0, logit_bias={0: -100.0})),  # bans the most likely
+        seq(SamplingParams(temperature=0)),  # its neighbours' biases do not reach it
+        seq(SamplingParams(temperature=1.0, logit_bias={0: -100.0, 1: -100.0, 2: -100.0})),
+    ]
+    before = logits.clone()
+    for _ in range(5):
+        assert [r.token_id for r in Sampler(4, seed=0)(logits, seqs)] == [3, 1, 0, 3]
+    assert torch.equal(logits, before)  # raw logits untouched: logprobs stay raw
+
+
+def test_logit_bias_and_penalties_add_up():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    # Presence 2.0 on token 0 (seen) leaves 0.0; the bias +1.0 on token 2 makes it 1.0.
+    params = SamplingParams(temperature=0, presence_penalty=2.0, logit_bias={2: 1.0})
+    assert Sampler(3)(logits, [seq(params, output=[0])])[0].token_id == 1
+    params = SamplingParams(temperature=0, presence_penalty=2.0, logit_bias={2: 2.5})
+    assert Sampler(3)(logits, [seq(params, output=[0])])[0].token_id == 2
+
+
+@pytest.mark.parametrize(
+    "bias, message",
+    [
+        ({5: 100.5}, r"logit_bias\[5\] must be in \[-100, 100\]"),
+        ({5: math.inf}, r"logit_bias\[5\] must be in"),
+        ({10: 1.0}, r"outside the vocabulary \[0, 10\)"),
+        ({-1: 1.0}, "outside the vocabulary"),
+        ({"5": 1.0}, "keys must be token ids"),
+    ],
+)
+def test_logit_bias_is_validated(bias, message):
+    with pytest.raises(InputError, match=message):
+        SamplingParams(logit_bias=bias).validate(vocab_size=10)
