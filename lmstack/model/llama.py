@@ -29,7 +29,7 @@ from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
 from lmstack.kernels import ops, qops
-from lmstack.model.qlinear import BF16_MIN_ROWS
+from lmstack.model.qlinear import BF16_MIN_ROWS, prompt_rows
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
 
 log = logging.getLogger("lmstack.engine")
@@ -214,8 +214,13 @@ class LlamaModel(nn.Module):
         if len(self.layers) and x.dim() == 2 and ops.usable(x, self.norm.weight):
             # A step over a paged fp32 cache with block-quantized layers: one call.
             layout = getattr(cache, "paged_layout", None)
-            if self.bf16_prefill and x.shape[0] >= BF16_MIN_ROWS:
-                layout = None  # a prompt chunk: per layer, on the layers' bf16 copies
+            prompt = getattr(cache, "prompt_rows", None) if self.bf16_prefill else None
+            if prompt is not None and len(prompt):
+                # Prompt tokens in this step: per layer, and those rows on the bf16 copies.
+                with prompt_rows(prompt, x.shape[0]):
+                    return self._forward_fused(x, rope, cache)
+            if self.bf16_prefill and layout is None and x.shape[0] >= BF16_MIN_ROWS:
+                return self._forward_fused(x, rope, cache)  # no engine: a prompt, in bf16
             args = self._stack_args() if layout is not None else None
             layout = layout() if args is not None and isinstance(rope, KernelRope) else None
             if layout is not None:

@@ -381,3 +381,23 @@ def test_offline_llm_generate_keeps_prompt_order(model, alone):
     outs = llm.generate(PROMPTS[:5], GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == alone[:5]
     assert all(o.finished and o.text for o in outs)
+
+
+def test_default_precision_output_does_not_depend_on_chunking_cache_or_batch():
+    # At --dtype auto (gguf; on AVX512-BF16 CPUs with a bf16 copy that prompt tokens run on)
+    # a request's greedy tokens are the same alone, in a batch, prefilled in small chunks
+    # and after a prefix-cache hit: each token takes one path whatever the step holds.
+    system = "You are a careful assistant. Answer in one short sentence. " * 4
+    prompts = [system + q for q in ("What is rain?", "What is snow?", "Why is the sky blue?")]
+    big = LLMEngine(num_kv_tokens=8192)
+    from lmstack.kernels import qops
+
+    assert big.model.dtype_name == ("gguf" if qops.linear_q_supported() else "float32")
+    alone = [next(iter(run(big, [(p, GREEDY, {})]).values())).token_ids for p in prompts]
+    again = next(iter(run(big, [(prompts[0], GREEDY, {})]).values()))  # a prefix-cache hit
+    assert again.num_cached_tokens >= 32 and again.token_ids == alone[0]
+    batch = run(big, [(p, GREEDY, {}) for p in reversed(prompts)])
+    assert [o.token_ids for o in batch.values()][::-1] == alone
+    small = LLMEngine(max_num_batched_tokens=7, num_kv_tokens=4096, enable_prefix_caching=False)
+    chunked = run(small, [(p, GREEDY, {}) for p in prompts])
+    assert [o.token_ids for o in chunked.values()] == alone
