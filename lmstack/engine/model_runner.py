@@ -70,9 +70,9 @@ class PagedAttention:
         # AVX512-BF16, fp32 on AVX2).
         self._kernel = ""
         self._work: torch.Tensor | None = None  # the kernel's scratch, shared by all layers
-        # Rows of prompt tokens (set by ModelRunner.execute): block-quantized layers with a
-        # bf16 copy run these on it (lmstack.model.qlinear.prompt_rows).
-        self.prompt_rows: torch.Tensor | None = None
+        # Whether the step holds prompt tokens (set by ModelRunner.execute): block-quantized
+        # layers with a bf16 copy then run on it (lmstack.model.qlinear.prompt_step).
+        self.has_prompt_tokens = False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         pool = self.runner.kv_cache[layer]  # [2 (K, V), kv_heads, blocks, block_size, d]
@@ -207,12 +207,12 @@ class ModelRunner:
         prefills: list[_Prefill] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
-        prompt_rows: list[int] = []  # rows holding prompt tokens (however they are chunked)
+        has_prompt = False
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
             row = len(tokens)
-            prompt_rows.extend(range(row, row + max(0, min(n, seq.num_prompt_tokens - start))))
+            has_prompt = has_prompt or start < seq.num_prompt_tokens
             tokens.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slots.extend(blocks.slot_mapping(seq, start, start + n))
@@ -243,7 +243,7 @@ class ModelRunner:
             lengths,
             prefills,
         )
-        ctx.prompt_rows = torch.tensor(prompt_rows, dtype=torch.long)
+        ctx.has_prompt_tokens = has_prompt
         hidden = self.model(torch.tensor(tokens), torch.tensor(positions), ctx)
         if not sample_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32), []

@@ -29,7 +29,7 @@ from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
 from lmstack.kernels import ops, qops
-from lmstack.model.qlinear import BF16_MIN_ROWS, prompt_rows
+from lmstack.model.qlinear import BF16_MIN_ROWS, prompt_step
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
 
 log = logging.getLogger("lmstack.engine")
@@ -214,10 +214,8 @@ class LlamaModel(nn.Module):
         if len(self.layers) and x.dim() == 2 and ops.usable(x, self.norm.weight):
             # A step over a paged fp32 cache with block-quantized layers: one call.
             layout = getattr(cache, "paged_layout", None)
-            prompt = getattr(cache, "prompt_rows", None) if self.bf16_prefill else None
-            if prompt is not None and len(prompt):
-                # Prompt tokens in this step: per layer, and those rows on the bf16 copies.
-                with prompt_rows(prompt, x.shape[0]):
+            if self.bf16_prefill and getattr(cache, "has_prompt_tokens", False):
+                with prompt_step():  # per layer, on the layers' bf16 copies
                     return self._forward_fused(x, rope, cache)
             if self.bf16_prefill and layout is None and x.shape[0] >= BF16_MIN_ROWS:
                 return self._forward_fused(x, rope, cache)  # no engine: a prompt, in bf16

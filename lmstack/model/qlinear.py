@@ -43,27 +43,29 @@ _BLOCK = qops.Q_BLOCK
 # loop), passes of at least this many rows take a layer's bf16 copy where it has one (see
 # `add_bf16_prefill`): below it the integer kernel's fewer bytes win, above it the bf16
 # kernel's 512-bit dot products do (lmstack bench kernels, AVX512-BF16 CPUs). In the engine
-# the rule is per token instead (`prompt_rows`).
+# the rule is `prompt_step` instead.
 BF16_MIN_ROWS = 32
 
-_split = threading.local()
+_step = threading.local()
 
 
 @contextlib.contextmanager
-def prompt_rows(rows: torch.Tensor, total: int):
-    """Within this block, layers with a bf16 copy run the rows `rows` (prompt tokens) of each
-    input on it and the others (decode tokens) on their blocks. Per token, not per step: a
-    prompt token's keys and values come out the same whether its prompt was prefilled in one
-    chunk, in several, or after a prefix-cache hit, so a request's greedy output does not
-    depend on what else the engine holds."""
-    other = torch.ones(total, dtype=torch.bool)
-    other[rows] = False
-    before = getattr(_split, "rows", None)
-    _split.rows = (rows, other.nonzero().flatten(), total)
+def prompt_step():
+    """Within this block (an engine step that holds prompt tokens), layers with a bf16 copy
+    run every row on it; steps of decode tokens alone run on the blocks. Every prompt token
+    then takes the bf16 path however its prompt is chunked or served from the prefix cache,
+    so a prompt's keys and values, and the first token sampled from them, never depend on
+    the cache. A decode token that shares its step with a prompt chunk takes it too: running
+    those rows apart on the blocks costs a second pass per layer (20 users at 130/128 on a
+    2-core Zen 4: 268 output tok/s against 284-326 in single runs), so under concurrent load
+    later tokens may differ from a run alone in the last bits, as in any engine that batches
+    across requests."""
+    before = getattr(_step, "on", False)
+    _step.on = True
     try:
         yield
     finally:
-        _split.rows = before
+        _step.on = before
 
 
 class QuantLinear(nn.Module):
@@ -81,31 +83,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and ops.usable(x):
-            if self.bf16 is not None:
-                split = getattr(_split, "rows", None)
-                if split is not None and x.dim() == 2 and x.shape[0] == split[2]:
-                    return self._split_rows(x, *split[:2])
-                if split is None and x.numel() >= BF16_MIN_ROWS * self.in_features:
-                    return self._bf16(x)
+            if self.bf16 is not None and (
+                getattr(_step, "on", False) or x.numel() >= BF16_MIN_ROWS * self.in_features
+            ):
+                y = ops.linear_bf16(x.to(torch.bfloat16), self.bf16, self.out_features)
+                return y.float()
             if qops.linear_q_supported():
-                return self._blocks(x)
+                return qops.linear_q(x, self.packed, self.out_features, self.bits)
         return F.linear(x, self.dequantized().to(x.dtype))
-
-    def _bf16(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear_bf16(x.to(torch.bfloat16), self.bf16, self.out_features).float()
-
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return qops.linear_q(x, self.packed, self.out_features, self.bits)
-
-    def _split_rows(self, x, prompt: torch.Tensor, decode: torch.Tensor) -> torch.Tensor:
-        if not len(decode):
-            return self._bf16(x)
-        if not len(prompt):
-            return self._blocks(x)
-        out = x.new_empty(x.shape[0], self.out_features)
-        out[prompt] = self._bf16(x[prompt])
-        out[decode] = self._blocks(x[decode])
-        return out
 
     def dequantized(self) -> torch.Tensor:
         return qops.dequantize_tiles(self.packed, self.out_features, self.bits)

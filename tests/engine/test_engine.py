@@ -384,9 +384,9 @@ def test_offline_llm_generate_keeps_prompt_order(model, alone):
 
 
 def test_default_precision_output_does_not_depend_on_chunking_cache_or_batch():
-    # At --dtype auto (gguf; on AVX512-BF16 CPUs with a bf16 copy that prompt tokens run on)
-    # a request's greedy tokens are the same alone, in a batch, prefilled in small chunks
-    # and after a prefix-cache hit: each token takes one path whatever the step holds.
+    # At --dtype auto (gguf; on AVX512-BF16 CPUs with a bf16 copy for steps that hold prompt
+    # tokens) a request's greedy tokens are the same alone, in a batch that arrives
+    # together, prefilled in small chunks and after a prefix-cache hit.
     system = "You are a careful assistant. Answer in one short sentence. " * 4
     prompts = [system + q for q in ("What is rain?", "What is snow?", "Why is the sky blue?")]
     big = LLMEngine(num_kv_tokens=8192)
