@@ -68,6 +68,33 @@ def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
     return condition()
 
 
+def serve_process(args: list[str], log, ready_timeout: float = 120):
+    """`lmstack serve ARGS` in a child process on a free port, stderr to `log` (an open
+    file); returns (process, url) once /ready answers 200. The caller stops the process."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+
+    def ready() -> bool:
+        assert proc.poll() is None, "server exited during start-up"
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{url}/ready").status_code == 200
+        return False
+
+    try:
+        assert wait_for(ready, ready_timeout, 0.3), "server never became ready"
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run `lmstack ARGS` in-process: (exit code, stdout, stderr)."""
     from lmstack.cli import main

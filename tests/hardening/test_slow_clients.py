@@ -6,17 +6,14 @@ a bound, and every slow one is dropped: a head past --header-timeout is closed, 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-from helpers import free_port, wait_for
+from helpers import serve_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +26,13 @@ TRICKLE_S = 0.5
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slow")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port)]
-    command += ["--kv-cache-gb", "0.05", "--docs-store", str(folder / "docs.db")]
-    command += ["--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
-    command += ["--keep-alive-timeout", "2", "--log-level", "warning"]
+    args = ["--kv-cache-gb", "0.05", "--docs-store", str(folder / "docs.db")]
+    args += ["--header-timeout", str(HEADER_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT)]
+    args += ["--keep-alive-timeout", "2", "--log-level", "warning"]
     log = open(folder / "stderr.log", "w+")  # noqa: SIM115  (read back on failure)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    proc, url = serve_process(args, log)
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, "server exited during start-up"
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/ready").status_code == 200
-            return False
-
-        assert wait_for(ready, 120, 0.3), "server never became ready"
-        yield port, url
+        yield int(url.rsplit(":", 1)[1]), url
     finally:
         proc.terminate()
         try:

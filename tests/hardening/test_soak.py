@@ -23,7 +23,7 @@ import time
 import httpx
 import psutil
 import pytest
-from helpers import free_port, wait_for
+from helpers import serve_process, wait_for
 
 SOAK_S = float(os.environ.get("LMSTACK_SOAK_S", "120"))
 MAX_REQUESTS = 3000
@@ -140,21 +140,10 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.slow
 def test_two_minute_soak_leaves_a_clean_server(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port)]
-    command += ["--docs-store", str(tmp_path / "docs.db"), "--log-level", "warning"]
+    args = ["--docs-store", str(tmp_path / "docs.db"), "--log-level", "warning"]
     log = open(tmp_path / "stderr.log", "w+")  # noqa: SIM115  (read back on failure)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    proc, url = serve_process(args, log, ready_timeout=180)
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, "server exited during start-up"
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/ready").status_code == 200
-            return False
-
-        assert wait_for(ready, 180, 0.3), "server never became ready"
         server = psutil.Process(proc.pid)
         warm = Soak(url)
         with httpx.Client(base_url=url, timeout=120) as http:  # load the embedder, the store

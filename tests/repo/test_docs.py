@@ -53,12 +53,35 @@ def test_each_capability_has_a_page_linked_from_the_readme(name):
     assert f"(docs/{name}.md)" in README.read_text(encoding="utf-8"), f"README lacks docs/{name}.md"
 
 
+# A relative path that climbs (`../x/...`), anywhere in a page's text, links included.
+CLIMB = re.compile(r"(?<![\w.])((?:\.\./)+[\w.-]+)")
+
+
+def outside_paths(page: Path, text: str) -> list[tuple[int, str]]:
+    """(line, path) for each relative path in `text` that resolves outside the repository,
+    read from the page's folder or from the repository root (where commands run)."""
+    found = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for path in CLIMB.findall(line):
+            bases = (page.parent, ROOT)
+            if all(not (base / path).resolve().is_relative_to(ROOT) for base in bases):
+                found.append((n, path))
+    return found
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_no_page_mentions_folders_outside_the_repository(page):
     text = page.read_text(encoding="utf-8")
-    for needle in ("../shared", "/work/"):
-        lines = [n for n, line in enumerate(text.splitlines(), 1) if needle in line]
-        assert not lines, f"{_rel(page)} mentions {needle!r} on lines {lines}"
+    bad = outside_paths(page, text)
+    bad += [(n, "/work/") for n, line in enumerate(text.splitlines(), 1) if "/work/" in line]
+    assert not bad, f"{_rel(page)} names paths outside the repository: {bad}"
+
+
+def test_the_outside_path_check_finds_climbing_paths():
+    page = DOCS / "engine.md"
+    text = "see [README](../README.md)\nread ../../elsewhere/design.md first"
+    assert outside_paths(page, text) == [(2, "../../elsewhere")]
+    assert outside_paths(README, "from ../sibling/data") == [(1, "../sibling")]
 
 
 def links(text: str) -> list[str]:

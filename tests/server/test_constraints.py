@@ -10,7 +10,6 @@ import httpx
 import jsonschema
 import pytest
 from helpers import live_server
-from openai import OpenAI
 
 from lmstack.server.app import create_app
 
@@ -31,17 +30,6 @@ SCHEMA = {
 def base_url(engine):
     with live_server(create_app(engine, MODEL, max_body_bytes=1_000_000)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=120) as c:
-        yield c
 
 
 def chat(client, structured: dict, messages=ASK, **kwargs) -> str:

@@ -18,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 from helpers import live_server
-from openai import OpenAI
 
 from lmstack.bench.loadgen import RequestSpec, embedding_specs, run_load
 from lmstack.bench.serve import summarize
@@ -45,17 +44,6 @@ def base_url(engine, embedder):
     app = create_app(engine, MODEL, embedder=embedder, embedding_limits=limits)
     with live_server(app) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=120) as c:
-        yield c
 
 
 def embedding_samples(http: httpx.Client) -> dict[str, float]:

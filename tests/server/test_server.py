@@ -8,20 +8,16 @@ test start their own (a small engine in-process, a `lmstack serve` subprocess).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import logging
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 
 import httpx
 import jsonschema
 import pytest
-from helpers import free_port, live_server, wait_for
+from helpers import live_server, serve_process, wait_for
 from openai import OpenAI
 
 from lmstack.server.app import create_app
@@ -69,17 +65,6 @@ def scrape(http: httpx.Client) -> dict[str, float]:
 def base_url(engine):
     with live_server(create_app(engine, MODEL, api_key=None, max_body_bytes=1_000_000)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=120) as c:
-        yield c
 
 
 # ---------------------------------------------------------------------------- OpenAI client
@@ -385,21 +370,9 @@ def test_full_queue_gets_429_with_retry_after():
 
 @pytest.mark.slow
 def test_sigterm_drains_running_requests_then_exits_zero(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "lmstack.cli", "serve", "--port", str(port)]
-    command += ["--kv-cache-gb", "0.05", "--drain-timeout", "60"]
     log = open(tmp_path / "stderr.log", "w+")  # noqa: SIM115  (read back after exit)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
+    proc, url = serve_process(["--kv-cache-gb", "0.05", "--drain-timeout", "60"], log)
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, "server exited during start-up"
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/ready").status_code == 200
-            return False
-
-        assert wait_for(ready, 120, 0.3), "server never became ready"
         lines: list[str] = []
         body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True}
 

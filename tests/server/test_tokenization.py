@@ -24,12 +24,6 @@ def base_url(engine):
         yield url
 
 
-@pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=120) as c:
-        yield c
-
-
 def usage(http: httpx.Client, path: str, body: dict) -> dict:
     r = http.post(path, json={**body, "max_tokens": 1})
     assert r.status_code == 200, r.text
