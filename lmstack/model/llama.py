@@ -29,7 +29,7 @@ from torch import nn
 
 from lmstack.errors import InputError, ModelLoadError
 from lmstack.kernels import ops, qops
-from lmstack.model.qlinear import BF16_MIN_ROWS, prompt_step
+from lmstack.model.qlinear import prompt_step
 from lmstack.model.weights import ModelConfig, load_config, load_state_dict, resolve_model
 
 log = logging.getLogger("lmstack.engine")
@@ -217,8 +217,6 @@ class LlamaModel(nn.Module):
             if self.bf16_prefill and getattr(cache, "has_prompt_tokens", False):
                 with prompt_step():  # per layer, on the layers' bf16 copies
                     return self._forward_fused(x, rope, cache)
-            if self.bf16_prefill and layout is None and x.shape[0] >= BF16_MIN_ROWS:
-                return self._forward_fused(x, rope, cache)  # no engine: a prompt, in bf16
             args = self._stack_args() if layout is not None else None
             layout = layout() if args is not None and isinstance(rope, KernelRope) else None
             if layout is not None:
@@ -363,8 +361,8 @@ class LlamaForCausalLM(nn.Module):
 
             quantize_model(net, dtype_name, source_gguf(model))
             if add_bf16_prefill(net):
-                log.info("steps of %d+ tokens run on a bf16 copy of the layers", BF16_MIN_ROWS)
-                dtype_reason += f"; steps of {BF16_MIN_ROWS}+ tokens on a bf16 copy of the layers"
+                log.info("prompt steps run on a bf16 copy of the layers")
+                dtype_reason += "; prompt steps on a bf16 copy of the layers"
         elif pack:
             from lmstack.model.packed import pack_linears
 
