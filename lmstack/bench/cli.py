@@ -195,9 +195,17 @@ def serve_command(
     ),
     plot: str | None = typer.Option(None, "--plot", help="PNG prefix for CDFs and throughput"),
     endpoint: str = typer.Option(
-        "completions", "--endpoint", help="completions (streamed), or embeddings (/v1/embeddings)"
+        "completions",
+        "--endpoint",
+        help="completions or chat (streamed), or embeddings (/v1/embeddings)",
     ),
     batch: int = typer.Option(1, "--batch", help="Inputs per request with --endpoint embeddings"),
+    tools: str | None = typer.Option(
+        None, "--tools", help="--endpoint chat: a JSON file of OpenAI tools sent with every request"
+    ),
+    tool_choice: str | None = typer.Option(
+        None, "--tool-choice", help="With --tools: auto, required, none, or a function name"
+    ),
 ) -> None:
     """Stream requests to a server and report TTFT, TPOT, ITL, latency and goodput."""
     import asyncio
@@ -206,7 +214,14 @@ def serve_command(
     from rich.console import Console
 
     from lmstack.bench import serve
-    from lmstack.bench.loadgen import ENDPOINTS, embedding_specs, run_load
+    from lmstack.bench.loadgen import (
+        ENDPOINTS,
+        ChatOptions,
+        embedding_specs,
+        load_tools,
+        run_load,
+        tool_choice_option,
+    )
     from lmstack.errors import InputError
     from lmstack.model.tokenizer import Tokenizer
     from lmstack.model.weights import resolve_model
@@ -219,6 +234,11 @@ def serve_command(
         raise InputError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
     if batch < 1 or (batch > 1 and endpoint != "embeddings"):
         raise InputError(f"--batch must be >= 1 and is for --endpoint embeddings, got {batch}")
+    if (tools or tool_choice) and endpoint != "chat":
+        raise InputError(f"--tools and --tool-choice need --endpoint chat, got {endpoint!r}")
+    if tool_choice and not tools:
+        raise InputError("--tool-choice needs --tools FILE")
+    chat = ChatOptions(load_tools(tools), tool_choice_option(tool_choice)) if tools else None
     embeddings = endpoint == "embeddings"
     texts = num_prompts * batch  # an embeddings request takes `batch` of the dataset's prompts
     path = Path(dataset)
@@ -246,6 +266,7 @@ def serve_command(
             burstiness=burstiness,
             seed=seed,
             api_key=api_key,
+            chat=chat,
         )
     )
     summary = serve.summarize(results, wall, slo_ttft, slo_tpot, slo_e2e)
@@ -270,6 +291,7 @@ def serve_command(
     )
     if json_out:
         run = {"endpoint": endpoint, "batch": batch, "burstiness": burstiness}
+        run |= {"tools": len(chat.tools) if chat else 0, "tool_choice": tool_choice}
         run |= {"max_concurrency": concurrency, "request_rate": request_rate}  # vLLM's names
         detail = {**summary, **run, "per_request": serve.per_request(results)}
         Path(json_out).write_text(json.dumps(detail, indent=2))

@@ -2,8 +2,12 @@
 
 Each request streams from /v1/completions and records, on the client's clock:
 TTFT (request sent -> first token), ITL (gaps between tokens), TPOT ((e2e - TTFT) / (n - 1))
-and end-to-end latency. With endpoint="embeddings" each request posts its spec's `inputs`
-to /v1/embeddings instead and records end-to-end latency and the prompt tokens of `usage`.
+and end-to-end latency. With endpoint="chat" each prompt is one user message to
+/v1/chat/completions, optionally with `tools` (and a `tool_choice`) in every request: the
+streamed content and tool-call deltas both count as tokens, so the same workload with and
+without tools shows what the tool grammar costs. With endpoint="embeddings" each request
+posts its spec's `inputs` to /v1/embeddings instead and records end-to-end latency and the
+prompt tokens of `usage`.
 Arrivals are open-loop (Poisson, or gamma with a burstiness factor: the server cannot slow
 the arrivals down, as real users do not wait for each other) or closed-loop (a fixed number
 of users, each sending the next request when the last ends).
@@ -19,7 +23,8 @@ from dataclasses import dataclass, field
 
 from lmstack.errors import InputError
 
-ENDPOINTS = ("completions", "embeddings")
+ENDPOINTS = ("completions", "chat", "embeddings")
+TOOL_CHOICES = ("auto", "required", "none")
 
 
 @dataclass
@@ -71,26 +76,104 @@ def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[floa
     return [rng.gammavariate(burstiness, 1.0 / (rate * burstiness)) for _ in range(n)]
 
 
-async def _one_request(
-    client, url: str, model: str, spec: RequestSpec, run_start: float, headers: dict, timeout: float
-) -> RequestResult:
-    import httpx
+@dataclass
+class ChatOptions:
+    """What endpoint="chat" adds to every request: OpenAI tool definitions and a choice."""
 
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+
+
+def tool_choice_option(value: str | None) -> str | dict | None:
+    """`--tool-choice`: auto, required, none, or a function's name (a named choice)."""
+    if value is None or value in TOOL_CHOICES:
+        return value
+    if not value.isidentifier():
+        raise InputError(
+            f"--tool-choice must be one of {', '.join(TOOL_CHOICES)} or a function name, "
+            f"got {value!r}"
+        )
+    return {"type": "function", "function": {"name": value}}
+
+
+def load_tools(path) -> list[dict]:
+    """`--tools FILE`: a JSON list of OpenAI tool definitions ({"type": "function", ...})."""
+    from pathlib import Path
+
+    try:
+        tools = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--tools {path}: not a readable JSON file ({exc})") from exc
+    if (
+        not isinstance(tools, list)
+        or not tools
+        or not all(
+            isinstance(t, dict)
+            and isinstance(t.get("function"), dict)
+            and t["function"].get("name")
+            for t in tools
+        )
+    ):
+        raise InputError(
+            f"--tools {path}: expected a non-empty JSON list of "
+            '{"type": "function", "function": {"name": ...}} objects'
+        )
+    return tools
+
+
+def _request_body(endpoint: str, model: str, spec: RequestSpec, chat: ChatOptions | None) -> dict:
     body = {
         "model": model,
-        "prompt": spec.prompt,
         "max_tokens": spec.max_tokens,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
+    if endpoint == "completions":
+        return body | {"prompt": spec.prompt}
+    body["messages"] = [{"role": "user", "content": spec.prompt}]
+    if chat is not None and chat.tools:
+        body["tools"] = chat.tools
+        if chat.tool_choice is not None:
+            body["tool_choice"] = chat.tool_choice
+    return body
+
+
+def _streamed_text(choice: dict) -> str:
+    """The text a streamed choice carries: completions' `text`, or a chat delta's content and
+    tool-call name/argument fragments."""
+    if "text" in choice:
+        return choice.get("text") or ""
+    delta = choice.get("delta") or {}
+    parts = [delta.get("content") or ""]
+    for call in delta.get("tool_calls") or []:
+        function = call.get("function") or {}
+        parts += [function.get("name") or "", function.get("arguments") or ""]
+    return "".join(parts)
+
+
+async def _one_request(
+    client,
+    url: str,
+    model: str,
+    spec: RequestSpec,
+    run_start: float,
+    headers: dict,
+    timeout: float,
+    endpoint: str = "completions",
+    chat: ChatOptions | None = None,
+) -> RequestResult:
+    import httpx
+
+    body = _request_body(endpoint, model, spec, chat)
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
     start = time.perf_counter()
     result = RequestResult(ok=False, start=start - run_start)
     last = start
     try:
         async with client.stream(
-            "POST", f"{url}/v1/completions", json=body, headers=headers, timeout=timeout
+            "POST", f"{url}{path}", json=body, headers=headers, timeout=timeout
         ) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -111,7 +194,7 @@ async def _one_request(
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
                     result.output_tokens = usage.get("completion_tokens", result.output_tokens)
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("text"):
+                if choices and _streamed_text(choices[0]):
                     now = time.perf_counter()
                     if result.ttft is None:
                         result.ttft = now - start
@@ -121,9 +204,8 @@ async def _one_request(
                     last = now
                     if not usage:
                         result.output_tokens += 1
-                    finish = choices[0].get("finish_reason")
-                    if finish == "timeout":
-                        result.error = "timeout"
+                if choices and choices[0].get("finish_reason") == "timeout":
+                    result.error = "timeout"
         result.e2e = time.perf_counter() - start
         result.ok = result.error is None and result.ttft is not None
         if result.ttft is None and result.error is None:
@@ -182,6 +264,7 @@ async def run_load(
     seed: int = 0,
     api_key: str | None = None,
     timeout: float = 600.0,
+    chat: ChatOptions | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Send every spec; return per-request results (in spec order) and the wall time."""
     import httpx
@@ -191,18 +274,24 @@ async def run_load(
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(concurrency or 0, 256))
-    one_request = _embedding_request if endpoint == "embeddings" else _one_request
+    if chat is not None and chat.tools and endpoint != "chat":
+        raise InputError(f"--tools needs --endpoint chat, got --endpoint {endpoint}")
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        if model is None and endpoint == "completions":
+        if model is None and endpoint != "embeddings":
             models = (await client.get(f"{url}/v1/models", headers=headers)).json()
             model = models["data"][0]["id"]
         results: list[RequestResult | None] = [None] * len(specs)
         run_start = time.perf_counter()
 
         async def fire(i: int) -> None:
-            results[i] = await one_request(
-                client, url, model, specs[i], run_start, headers, timeout
-            )
+            if endpoint == "embeddings":
+                results[i] = await _embedding_request(
+                    client, url, model, specs[i], run_start, headers, timeout
+                )
+            else:
+                results[i] = await _one_request(
+                    client, url, model, specs[i], run_start, headers, timeout, endpoint, chat
+                )
 
         if request_rate is not None:  # open loop
             tasks = []

@@ -9,7 +9,7 @@ one delta with its index, id, type, name and empty arguments, then argument frag
 (holding back the tail that could be the closing `}\\n</tool_call>`). Fed the whole text
 at once, the same deltas assemble the non-streamed message, so both paths agree, a call
 cut short by max_tokens included (its arguments are then incomplete, as OpenAI's are,
-and finish_reason says "length").
+and finish_reason says "length"; a further call cut off before its name is dropped).
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ class ToolCallParser:
         if self.state == "args" and rest:
             return [self._arguments(rest)]
         if self.state == "head":
+            if self.calls:
+                # After a call the grammar allows only further calls, so this is the next
+                # one cut short by max_tokens before its name was complete: it is no
+                # content, and finish_reason "length" already says it was cut.
+                return []
             rest = CALL_OPEN + rest  # an opening tag that never became a call: text
         if self.state in ("text", "head") and rest:
             return [self._text(rest)]

@@ -9,7 +9,14 @@ import pytest
 from helpers import live_server
 
 from lmstack.bench.ladder import RUNGS, agreement, first_token_agreement, run_ladder, to_markdown
-from lmstack.bench.loadgen import RequestResult, arrival_gaps, run_load
+from lmstack.bench.loadgen import (
+    ChatOptions,
+    RequestResult,
+    arrival_gaps,
+    load_tools,
+    run_load,
+    tool_choice_option,
+)
 from lmstack.bench.serve import random_dataset, summarize
 from lmstack.cli import main
 from lmstack.errors import InputError
@@ -117,6 +124,74 @@ def test_queue_overflow_is_counted_by_kind(server_url, model):
     # and then dropped.
     assert set(s["errors"]) == {"http_429"}
     assert s["completed"] + s["errors"]["http_429"] == 40
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_chat_endpoint_counts_content_and_tool_call_tokens(server_url, model):
+    _, tok = model
+    specs = random_dataset(tok, 4, input_len=16, output_len=12, seed=2)
+    plain, _ = asyncio.run(run_load(server_url, specs, endpoint="chat", concurrency=2))
+    # ignore_eos: every chat request runs to max_tokens, as completions do.
+    assert all(r.ok and r.output_tokens == 12 and r.ttft > 0 for r in plain)
+    # The same workload with a tool in every request and a call required: the tokens come as
+    # tool-call deltas (names and argument fragments), and each one is timed and counted.
+    chat = ChatOptions([WEATHER], tool_choice_option("required"))
+    calls, _ = asyncio.run(run_load(server_url, specs, endpoint="chat", concurrency=2, chat=chat))
+    # (The parser holds a call back until its name is complete, so one delta may carry
+    # several tokens: token_times has one entry per delta, output_tokens is usage's count.)
+    assert all(r.ok and r.output_tokens == 12 and r.token_times for r in calls)
+    assert all(len(r.token_times) == len(r.itl) + 1 for r in calls)
+    with pytest.raises(InputError, match="--tools needs --endpoint chat"):
+        asyncio.run(run_load(server_url, specs, chat=chat))
+
+
+def test_tools_file_and_tool_choice_are_checked(tmp_path):
+    good = tmp_path / "tools.json"
+    good.write_text(json.dumps([WEATHER]))
+    assert load_tools(good) == [WEATHER]
+    for text in ("{", "[]", '[{"type": "function"}]', '{"function": {"name": "x"}}'):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(InputError, match="--tools .*bad.json"):
+            load_tools(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="--tools .*missing.json"):
+        load_tools(tmp_path / "missing.json")
+    assert tool_choice_option("auto") == "auto" and tool_choice_option(None) is None
+    assert tool_choice_option("get_weather")["function"]["name"] == "get_weather"
+    with pytest.raises(InputError, match="--tool-choice .*'a b'"):
+        tool_choice_option("a b")
+
+
+@pytest.mark.slow
+def test_bench_serve_cli_chat_with_tools(server_url, tmp_path, capsys):
+    tools, out = tmp_path / "tools.json", tmp_path / "run.json"
+    tools.write_text(json.dumps([WEATHER]))
+    args = ["bench", "serve", "--url", server_url, "--num-prompts", "2", "--input-len", "16"]
+    args += ["--output-len", "8", "--endpoint", "chat", "--tools", str(tools)]
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--tool-choice", "get_weather", "--json", str(out)])
+    assert exc.value.code == 0
+    summary = json.loads(out.read_text())
+    assert summary["endpoint"] == "chat" and summary["tools"] == 1
+    assert summary["completed"] == 2 and summary["total_output_tokens"] > 0
+    # --tools with the completions endpoint is refused before anything is sent.
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "serve", "--url", server_url, "--tools", str(tools)])
+    assert exc.value.code == 2
+    assert "--endpoint chat" in capsys.readouterr().err
 
 
 @pytest.mark.slow
