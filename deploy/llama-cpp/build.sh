@@ -8,9 +8,18 @@
 # AMX on some of these machines, and an AVX-512 build dies with SIGILL on AVX2-only CPUs.
 # The build is cached per CPU flag set in $LLAMA_CPP_DIR (default ~/.cache/lmstack/llama-cpp);
 # on 2 cores it takes about 12 minutes.
+#
+# LMSTACK_CPU_ISA=avx2 (lmstack's switch for running an AVX-512 machine as an AVX2-only
+# one) builds llama.cpp without AVX-512 too, in its own cache folder, so that
+# `LMSTACK_CPU_ISA=avx2 lmstack bench compare` restricts both servers alike.
 set -euo pipefail
-root=${LLAMA_CPP_DIR:-$HOME/.cache/lmstack/llama-cpp}
 flags=$(grep -m1 '^flags' /proc/cpuinfo)
+if [[ ${LMSTACK_CPU_ISA:-native} == avx2 ]]; then
+  flags=$(tr ' ' '\n' <<<"$flags" | grep -v -E '^(avx512|amx)' | tr '\n' ' ')
+  root=${LLAMA_CPP_DIR:-$HOME/.cache/lmstack/llama-cpp-avx2}
+else
+  root=${LLAMA_CPP_DIR:-$HOME/.cache/lmstack/llama-cpp}
+fi
 stamp=$root/.built-for-$(printf '%s' "$flags" | sha256sum | cut -c1-12)
 bin=$root/src/llama.cpp/build/bin/llama-server
 if [[ -x $bin && -f $stamp ]]; then echo "$bin"; exit 0; fi

@@ -128,3 +128,16 @@ def test_bench_kernels_reports_both_sides(capsys, tmp_path):
 def test_bench_kernels_rejects_unpackable_dtype(capsys):
     code, _, err = run_cli(["bench", "kernels", "--dtype", "float16"], capsys)
     assert code != 0 and "float16" in err
+
+
+def test_cpu_description_names_the_generation_behind_a_bare_model_name():
+    from lmstack.cpu import describe, generation, isa_level
+
+    # Cloud VMs report "AMD EPYC" for every generation; family/model tell them apart.
+    assert generation("AuthenticAMD", 26, 2) == "Zen 5"
+    assert generation("AuthenticAMD", 25, 0x11) == "Zen 4"
+    assert generation("AuthenticAMD", 25, 0x01) == "Zen 3"
+    assert generation("AuthenticAMD", 23, 0x31) == "Zen 2"
+    assert generation("GenuineIntel", 6, 143) is None
+    line = describe()
+    assert line.endswith(f"({isa_level()})") and "family" in line
