@@ -12,12 +12,12 @@ them (so it works with any template):
 - `tool` messages (consecutive ones together) render as one user turn, each result inside
   `<tool_response>\\n...\\n</tool_response>`.
 
-Decoding: with `tool_choice` "required" or a named function the reply is one call (or,
-with `parallel_tool_calls`, one or more, newline-separated) whose arguments follow that
-function's `parameters` schema, under a Lark grammar (llguidance `%json`); "auto" allows
-either free text that never spells `<tool_call>`, or text followed by calls; "none" leaves
-the tools out of the prompt and decodes plain text. lmstack.server.tool_parser reads the
-calls back out of the text.
+Decoding: with `tool_choice` "required" the reply is one call (or, with
+`parallel_tool_calls`, one or more, newline-separated), with a named function exactly one
+call; the arguments follow the function's `parameters` schema, under a Lark grammar
+(llguidance `%json`); "auto" allows either free text that never spells `<tool_call>`, or
+text followed by calls; "none" leaves the tools out of the prompt and decodes plain text.
+lmstack.server.tool_parser reads the calls back out of the text.
 """
 
 from __future__ import annotations
@@ -192,7 +192,11 @@ def plan_tools(
                 f"tool_choice.function.name {choice.function.name!r} is not one of the tools "
                 f"({', '.join(names)})"
             )
-        return ToolPlan(tools, "named", [index], parallel_tool_calls)
+        # Exactly one call, whatever parallel_tool_calls says: OpenAI's forced function
+        # and vLLM's named tool_choice both return one, and clients such as instructor
+        # name a function without sending parallel_tool_calls (left true, a small model
+        # repeats the call until max_tokens).
+        return ToolPlan(tools, "named", [index], parallel=False)
     return ToolPlan(tools, choice, list(range(len(tools))), parallel_tool_calls)
 
 
