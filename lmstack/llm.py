@@ -262,7 +262,7 @@ class OpenAIGenerator:
         if self.model is None:
             self.model = info.get("id", "default")
         self.name = f"{self.model} at {self.base}"
-        self.context_window = context_window or info.get("max_model_len") or DEFAULT_REMOTE_WINDOW
+        self.context_window = context_window or served_window(info) or DEFAULT_REMOTE_WINDOW
         from lmstack.model.tokenizer import Tokenizer
         from lmstack.model.weights import resolve_model
 
@@ -388,6 +388,15 @@ class OpenAIGenerator:
 
     def close(self) -> None:
         self.client.close()
+
+
+def served_window(model_card: dict) -> int | None:
+    """The context one request may use, from a /v1/models entry: vLLM and lmstack say
+    `max_model_len`; llama.cpp's llama-server says `meta.n_ctx` (its context per slot, which
+    `-c` / `-np` set, often below the model's trained length)."""
+    meta = model_card.get("meta")
+    llama_cpp = meta.get("n_ctx") if isinstance(meta, dict) else None
+    return model_card.get("max_model_len") or llama_cpp
 
 
 def _as_completed(futures):

