@@ -2,11 +2,12 @@
 
 Request: {"subject": "...", "body": "...", "id": "..."} for one ticket, or
 {"tickets": [{...}, ...]} for several (answered together, in order), plus optional
-"max_retries". Response: one record, or {"records": [...]}; records are the CLI's JSONL
-objects. The triage code is synchronous, so the route runs it in a worker thread; the
-generator wraps the server's AsyncLLMEngine, so triage requests share the continuous batch
-with chat traffic. The shipped category classifier narrows the category as it does on the
-CLI.
+"max_retries" and "redact" (true: PII placeholders in the key issue, reply, errors and
+warnings, as `lmstack triage --redact`; the entities keep the values). Response: one
+record, or {"records": [...]}; records are the CLI's JSONL objects. The triage code is
+synchronous, so the route runs it in a worker thread; the generator wraps the server's
+AsyncLLMEngine, so triage requests share the continuous batch with chat traffic. The
+shipped category classifier narrows the category as it does on the CLI.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TriageRequest(BaseModel):
     id: str | None = None
     tickets: list[TicketIn] | None = None
     max_retries: int = Field(2, ge=0, le=5)
+    redact: bool = False
 
 
 class TriageService:
@@ -50,7 +52,7 @@ class TriageService:
         self._classifier = None
         self._lock = threading.Lock()
 
-    def _triager(self, max_retries: int):
+    def _triager(self, max_retries: int, redact: bool = False):
         """The CLI's shipped configuration (lmstack.triage.builder) on the server's engine."""
         from lmstack.llm import EngineGenerator
         from lmstack.triage.builder import is_tuned, triage_config
@@ -63,6 +65,7 @@ class TriageService:
                 self._classifier = shipped_classifier()
         tuned = is_tuned(self.async_engine.model_name)
         config = triage_config(tuned, max_retries=max_retries, classifier=self._classifier)
+        config.redact = redact
         return Triager(self._generator, config)
 
     def handle(self, request: TriageRequest) -> dict:
@@ -83,7 +86,7 @@ class TriageService:
             if not ticket.text:
                 where = f"tickets[{i}]" if request.tickets is not None else "the ticket"
                 raise InputError(f"{where} is empty: subject and body are both empty")
-        records = self._triager(request.max_retries).triage_many(tickets)
+        records = self._triager(request.max_retries, request.redact).triage_many(tickets)
         dumped = [r.model_dump() for r in records]
         return {"records": dumped} if request.tickets is not None else dumped[0]
 

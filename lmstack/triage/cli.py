@@ -57,9 +57,17 @@ def run_command(
     body_field: str = typer.Option("body", "--body-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: id, else line"),
     out: Path | None = typer.Option(None, "--out", help="Write JSONL here (default: stdout)"),
+    redact: bool = typer.Option(
+        False,
+        "--redact",
+        help="Placeholders for e-mails, phones, card numbers and customer IDs in the key "
+        "issue, reply, errors and warnings (the entities keep the values)",
+    ),
     options: TriagerOptions | None = None,
 ) -> None:
-    """Triage one ticket (--subject/--body or stdin) or a CSV/JSONL file (the default)."""
+    """Triage one ticket (--subject/--body or stdin) or a CSV/JSONL file (the default).
+
+    Card numbers never appear in a reply, with or without --redact."""
     if file is not None and (subject is not None or body is not None):
         raise InputError("give either FILE or --subject/--body, not both")
     if file is None:
@@ -72,7 +80,7 @@ def run_command(
             raise InputError("the ticket is empty: --subject and --body are both empty")
         from lmstack.triage.schema import Ticket
 
-        triager = make_triager(options)
+        triager = make_triager(options, redact=redact)
         record = triager.triage(Ticket(subject=subject, body=body))
         for warning in record.warnings:
             typer.echo(f"warning: {warning}", err=True)
@@ -84,7 +92,7 @@ def run_command(
     loaded = read_tickets(file, subject_field, body_field, id_field)
     for problem in loaded.problems:
         typer.echo(f"warning: {problem}", err=True)
-    triager = make_triager(options)
+    triager = make_triager(options, redact=redact)
     started = time.monotonic()
     records = triage_in_batches(triager, loaded.tickets)
     wall = time.monotonic() - started

@@ -116,8 +116,11 @@ def with_triager_options(command):
     return wrapper
 
 
-def make_triager(options: TriagerOptions | None = None, few_shot: bool | None = None):
-    """A Triager with the best shipped configuration unless the options say otherwise."""
+def make_triager(
+    options: TriagerOptions | None = None, few_shot: bool | None = None, redact: bool = False
+):
+    """A Triager with the best shipped configuration unless the options say otherwise;
+    `redact`: PII placeholders in the records' prose (TriageConfig.redact)."""
     from lmstack.llm import make_generator
     from lmstack.triage.adapter import triage_model
     from lmstack.triage.builder import is_tuned, triage_config
@@ -144,7 +147,9 @@ def make_triager(options: TriagerOptions | None = None, few_shot: bool | None = 
             tuned = is_tuned(model)
         generator = make_generator(model=model, dtype=o.dtype, num_kv_tokens=32768)
     classifier = None if o.no_classifier else "shipped"
-    return Triager(generator, triage_config(tuned, classifier=classifier, **config_options))
+    config = triage_config(tuned, classifier=classifier, **config_options)
+    config.redact = redact
+    return Triager(generator, config)
 
 
 def progress_bar(label: str):

@@ -18,6 +18,11 @@ classes that cover `category_coverage` of the classifier's probability: its top 
 at coverage 0 (the shipped default) or when it is sure; several when it is not, and the
 language model chooses among them. All tickets of a batch are embedded together, before
 any decoding.
+
+Card numbers never reach a record's key issue or reply (validate.guard_output, on every
+attempt). With `redact`, a finished record's key issue, reply, errors and warnings (what the
+CLI prints to stderr) have e-mails, phones, card numbers and customer IDs replaced by
+placeholders (redact.py); the entities keep the values, and the retries still see them.
 """
 
 from __future__ import annotations
@@ -38,12 +43,15 @@ from lmstack.triage.prompt import (
     load_examples,
     truncate_middle,
 )
+from lmstack.triage.redact import redact
 from lmstack.triage.schema import CATEGORIES, URGENCIES, Ticket, TriageRecord, output_schema
 from lmstack.triage.validate import (
     REPLY_LANGUAGE,
     URGENCY,
+    Problem,
     allowed_urgencies,
     codes,
+    guard_output,
     parse_output,
     validate,
 )
@@ -64,6 +72,7 @@ class TriageConfig:
     timeout: float | None = None
     classifier: CategoryClassifier | None = None  # None: the language model decides
     category_coverage: float = 0.0  # see CategoryClassifier.plausible and DEFAULT_COVERAGE
+    redact: bool = False  # PII placeholders in the finished record's prose (redact.py)
 
 
 @dataclass
@@ -113,8 +122,10 @@ class Triager:
         pending = [job for job in jobs if job.record.errors == []]
         self._narrow_categories(pending)
         for job in jobs:
-            if job.record.errors and on_done:
-                on_done(job.index, job.record)
+            if job.record.errors:
+                self._finish(job)
+                if on_done:
+                    on_done(job.index, job.record)
         attempt = 0
         while pending:
             attempt += 1
@@ -133,6 +144,7 @@ class Triager:
                 job = pending[k]
                 if self._absorb(job, completion, attempt) or last_round:
                     job.record.latency_s = round(time.monotonic() - job.started, 3)
+                    self._finish(job)
                     if on_done:
                         on_done(job.index, job.record)
                 else:
@@ -211,6 +223,8 @@ class Triager:
         if output is None and completion.finish_reason == "length":
             errors = [f"the answer was cut at {self.config.max_tokens} tokens; be shorter"]
         if output is not None:
+            output, guarded = guard_output(output)
+            record.warnings += [w for w in guarded if w not in record.warnings]
             errors = validate(output, job.text, job.language)
             record_fields = output.model_dump()
             for name, value in record_fields.items():
@@ -224,3 +238,21 @@ class Triager:
             if REPLY_LANGUAGE in broken:
                 job.reply_every_sentence = True
         return not errors
+
+    def _finish(self, job: _Job) -> None:
+        """With `redact`, PII placeholders in the record's prose, errors and warnings; the
+        ticket's typed customer IDs and the chosen one count as customer IDs wherever they
+        appear (a reply may repeat one without its "customer ID" label)."""
+        if not self.config.redact:
+            return
+        record = job.record
+        known = [record.entities.customer_id] if record.entities.customer_id else []
+        if "customer_id" in job.candidates.get("required", []):
+            known += job.candidates["customer_id"]  # typed as the customer's by grounding
+        record.key_issue = redact(record.key_issue, known)
+        record.suggested_response = redact(record.suggested_response, known)
+        record.warnings = [redact(w, known) for w in record.warnings]
+        record.errors = [
+            Problem(e.code, redact(e, known)) if isinstance(e, Problem) else redact(e, known)
+            for e in record.errors
+        ]

@@ -5,6 +5,11 @@ entities are spans of the ticket; the validator re-checks all of that (a remote 
 ignore json_schema) and adds what a schema cannot say: the urgency rules, e-mail format,
 the reply's sentence count and language. Each error is phrased as an instruction the model
 can act on when it is fed back in a retry.
+
+One rule is enforced rather than reported: `guard_output` replaces any card number (a
+Luhn-valid 13-19-digit sequence, redact.card_spans) in the key issue and the reply with
+[CARD], whatever the caller asked for; a draft that would mail a card number back is never
+worth a retry, nor worth keeping.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pydantic import ValidationError
 
 from lmstack.triage.grounding import EMAIL, ungrounded
 from lmstack.triage.languages import detect_language
+from lmstack.triage.redact import CARD, redact_cards
 from lmstack.triage.schema import REPLY_SENTENCES, URGENCIES, TriageOutput, split_sentences
 
 
@@ -92,6 +98,19 @@ def parse_output(text: str) -> tuple[TriageOutput | None, list[str]]:
             else:
                 errors.append(f"{where}: {err['msg']}")
         return None, errors
+
+
+def guard_output(output: TriageOutput) -> tuple[TriageOutput, list[str]]:
+    """`output` with card numbers in key_issue and suggested_response replaced by [CARD], and
+    one warning per field changed (the entities keep their values: they are ticket spans)."""
+    changes, warnings = {}, []
+    for name in ("key_issue", "suggested_response"):
+        value = getattr(output, name)
+        guarded = redact_cards(value)
+        if guarded != value:
+            changes[name] = guarded
+            warnings.append(f"{name}: a card number was replaced with {CARD}")
+    return (output.model_copy(update=changes) if changes else output), warnings
 
 
 def validate(output: TriageOutput, ticket_text: str, language: str | None = None) -> list[str]:
