@@ -72,7 +72,9 @@ def _choice(completion) -> str | None:
 def rate_ai(store: RatingStore, principles: list[str], generator, limit: int | None = None):
     from lmstack.llm import ChatRequest
 
-    rater = f"ai:{Path(str(generator.name)).name or 'model'}"
+    # The model's name: a remote generator's `name` is "MODEL at URL", its `model` the id.
+    model = getattr(generator, "model", None) or generator.name
+    rater = f"ai:{Path(str(model)).name or 'model'}"
     store.ensure_rater(rater, "ai")
     done = set(store.ratings_of(rater))
     todo = [c for c in store.comparisons() if c.id not in done][: limit or None]
@@ -82,7 +84,7 @@ def rate_ai(store: RatingStore, principles: list[str], generator, limit: int | N
             requests.append(
                 ChatRequest(
                     judge_messages(principles, c.messages, a, b),
-                    max_tokens=16,
+                    max_tokens=32,  # room for JSON grammars that allow whitespace (llama.cpp)
                     temperature=0.0,
                     json_schema=VERDICT_SCHEMA,
                 )

@@ -121,6 +121,7 @@ def run_compare(
         "cpu": describe(),
         "gguf": str(gguf),
         "lmstack_precision": precision,
+        "llama_cpp_build": llama_cpp_build(llama_server),
         "llama_server_command": " ".join(cmd),
         "rows": rows,
         "output_tokens_per_s_ratio": ratios,
@@ -134,9 +135,22 @@ def _precision(url: str) -> str | None:
     return card.get("dtype")
 
 
+def llama_cpp_build(binary: Path) -> str:
+    """Which instruction sets the llama.cpp build may use: deploy/llama-cpp/build.sh builds
+    into a folder of its own under LMSTACK_CPU_ISA=avx2 (no AVX-512), else for every
+    extension this CPU has."""
+    return "avx2" if "llama-cpp-avx2" in Path(binary).parts else "native"
+
+
 def to_markdown(result: dict) -> str:
+    head = f"CPU: {result['cpu']}; lmstack precision: {result['lmstack_precision']}"
+    build = result.get("llama_cpp_build")
+    if build:
+        head += "; llama.cpp built " + (
+            "without AVX-512 (LMSTACK_CPU_ISA=avx2)" if build == "avx2" else "for this CPU"
+        )
     lines = [
-        f"CPU: {result['cpu']}; lmstack precision: {result['lmstack_precision']}",
+        head,
         "",
         "| server | workload | output tok/s | TTFT P50 (s) | TTFT P99 (s) | TPOT P50 (ms) "
         "| P99/P50 e2e | errors |",

@@ -5,7 +5,8 @@ via llguidance.
 up front, so a bad schema is the user's InputError, not a failed request mid-stream) and
 hands out one `GrammarMatcher` per request. Each decode step the engine asks
 `allowed_mask` for a bool [B, V] mask that the sampler applies, then feeds the chosen token
-back through `GrammarMatcher.accept`.
+back through `GrammarMatcher.accept`. Greedy rows skip the mask while the model's own
+choice is one the grammar takes (`GrammarMatcher.allows`; see LLMEngine._sample_rows).
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class GrammarMatcher:
             )
         # Raw pointer call rather than llguidance.torch, whose import pulls in torch.compile.
         self._m.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
+
+    def allows(self, token_id: int) -> bool:
+        """Whether this token is one the next mask would allow, without computing it or
+        advancing (EOS included). Where the grammar forces bytes (a JSON key, a call's
+        head), the mask allows only their canonical tokens while any token spelling the
+        bytes would validate: there the answer is False, and the mask decides."""
+        if self._m.compute_ff_tokens():
+            return False
+        return self._m.validate_tokens([int(token_id)]) == 1
 
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; False when the grammar rejects it (error state)."""

@@ -26,7 +26,7 @@ from lmstack.engine.sequence import Sequence
 # of a 49k vocabulary costs ~6 ms per row on a small CPU, topk(256) about 0.3 ms.
 _NUCLEUS_TIERS = (256, 4096, 16384)
 # Temperatures this small are greedy in effect, and dividing by them overflows to inf/NaN.
-_GREEDY_BELOW = 1e-5
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -68,8 +68,8 @@ class Sampler:
             work = _apply_mask(work, logits, allowed_mask)
 
         tokens = torch.empty(len(seqs), dtype=torch.long)
-        greedy = [i for i, p in enumerate(params) if p.temperature < _GREEDY_BELOW]
-        sampled = [i for i, p in enumerate(params) if p.temperature >= _GREEDY_BELOW]
+        greedy = [i for i, p in enumerate(params) if p.temperature < GREEDY_BELOW]
+        sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
         if len(greedy) == len(seqs):
             tokens = work.argmax(dim=-1)
         elif greedy:

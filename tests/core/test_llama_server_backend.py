@@ -195,7 +195,7 @@ def test_align_collect_plan_and_rate_ai(llama_url, tmp_path, capsys):
     rated = json.loads(out)
     # Both orders of each comparison parsed as a verdict: none failed.
     assert rated["rated"] == 2 and rated["failed"] == 0, rated
-    assert rated["rater"].startswith("ai:") and sum(rated["choices"].values()) == 2
+    assert rated["rater"] == f"ai:{ALIAS}" and sum(rated["choices"].values()) == 2
     from lmstack.align.ratings import CHOICES, RatingStore
 
     store = RatingStore(plan_dir / "ratings.db")
@@ -231,3 +231,27 @@ def test_bench_serve_closed_loop(llama_url, tmp_path, capsys):
     assert all(r["output_tokens"] == 16 for r in summary["per_request"])
     assert summary["request_throughput"] > 0 and summary["mean_ttft_ms"] > 0
     assert summary["p99_e2el_ms"] >= summary["median_e2el_ms"] > 0
+
+
+def test_bench_compare_runs_both_servers_and_names_the_build(tmp_path, capsys):
+    """`bench compare` end to end at a tiny size: lmstack serve, then llama-server, the same
+    two workloads, a ratio for each, and which llama.cpp build it was."""
+    from lmstack.bench.compare import llama_cpp_build
+
+    binary = llama_server_binary()
+    out = tmp_path / "compare.json"
+    args = ["bench", "compare", "--llama-server", str(binary), "--users", "2"]
+    args += ["--num-prompts", "2", "--single-prompts", "1", "--input-len", "16"]
+    code, stdout, _ = run_cli(args + ["--output-len", "8", "--json", str(out)], capsys)
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = {(r["server"], r["workload"]): r for r in result["rows"]}
+    assert set(rows) == {
+        (s, w) for s in ("lmstack", "llama.cpp") for w in ("single stream", "2 users")
+    }
+    assert all(r["errors"] == 0 and r["completed"] == r["requests"] for r in rows.values())
+    assert set(result["output_tokens_per_s_ratio"]) == {"single stream", "2 users"}
+    assert result["llama_cpp_build"] == llama_cpp_build(binary)
+    assert result["meta"]["cpu"] and "lmstack / llama.cpp" in stdout
+    assert llama_cpp_build(Path("/x/llama-cpp-avx2/src/llama.cpp/build/bin/llama-server")) == "avx2"
+    assert llama_cpp_build(Path("/x/llama-cpp/src/llama.cpp/build/bin/llama-server")) == "native"

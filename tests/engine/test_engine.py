@@ -359,6 +359,49 @@ def test_structured_output_always_validates():
         jsonschema.validate(json.loads(out.text), params.structured.json_schema)
 
 
+TEXT_OR_CALL = (  # free text that never writes "<call>", or text then one call
+    "start: TEXT | head CALL\n"
+    'head[lazy]: TEXT "<call>"\n'
+    "TEXT: /(.|\\n)*/ & ~/(.|\\n)*<call>(.|\\n)*/\n"
+    "CALL: /[0-9]{1,4}<\\/call>/\n"
+)
+
+
+def test_greedy_rows_under_a_grammar_skip_masks_without_changing_a_token(engine, monkeypatch):
+    from lmstack.engine import llm_engine
+
+    constraints = [
+        StructuredOutput(json_schema=strict(SCHEMAS[0])),
+        StructuredOutput(regex=r"(yes|no), because [a-z ]{1,40}\."),
+        StructuredOutput(choice=["Paris", "London", "Berlin"]),
+        StructuredOutput(grammar=TEXT_OR_CALL),
+        StructuredOutput(json_object=True),
+    ]
+    ask = "Answer briefly: what is the capital of France? Reply as the format asks."
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": ask}])
+    requests = [(prompt, SamplingParams(max_tokens=40, temperature=0.0, structured=c), {})
+                for c in constraints]  # fmt: skip
+    # A seeded sampled row beside them keeps its mask first: its draws must not change.
+    sampled = SamplingParams(max_tokens=40, temperature=0.9, seed=7, structured=constraints[0])
+    requests.append((prompt, sampled, {}))
+
+    def outputs(greedy_first: bool) -> tuple[list, int, int]:
+        monkeypatch.setattr(llm_engine, "GREEDY_GRAMMAR_FIRST", greedy_first)
+        rows, masks = engine.num_grammar_rows, engine.num_grammar_masks
+        outs = run(engine, requests)
+        tokens = [(o.token_ids, o.finish_reason, o.error) for o in outs.values()]
+        return tokens, engine.num_grammar_rows - rows, engine.num_grammar_masks - masks
+
+    reference, ref_rows, ref_masks = outputs(False)
+    got, rows, masks = outputs(True)
+    assert got == reference
+    assert all(error is None for _, _, error in got)
+    assert ref_masks == ref_rows == rows  # the reference computes every row's mask
+    sampled_rows = len(got[-1][0])  # one mask per sampled token, as before
+    # The greedy rows mostly choose what their grammar allows; the rest still got masks.
+    assert sampled_rows < masks < 0.6 * rows, (masks, rows)
+
+
 def test_bad_request_mid_flight_does_not_disturb_the_batch(engine, alone):
     ids = [engine.add_request(p, GREEDY) for p in PROMPTS[:4]]
     engine.step()

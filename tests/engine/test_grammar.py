@@ -221,3 +221,26 @@ def test_lark_json_embeds_a_schema_with_compact_json(compiler, tokenizer):
     spaced = compiler.matcher(StructuredOutput(grammar=grammar))
     drive(spaced, tokenizer.encode('<{"a"'))
     assert not allowed_mask([spaced], VOCAB)[0, tokenizer.encode(" :")[0]]
+
+
+def test_allows_never_admits_a_token_the_mask_refuses(compiler, tokenizer):
+    """The engine's greedy rows skip the mask when `allows` says the argmax is fine, so
+    `allows` must imply the mask's bit, in every state: inside forced bytes (a key of a
+    strict schema) any token spelling them validates, but the mask takes only the
+    canonical one."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    matcher = compiler.matcher(StructuredOutput(json_schema=json.dumps(schema)))
+    document = tokenizer.encode('{"name":"Anna","age":34}')
+    checked = 0
+    for t in document + [EOS]:
+        mask = allowed_mask([matcher], VOCAB)[0]
+        admitted = [c for c in range(VOCAB) if matcher.allows(c)]
+        assert all(mask[c] for c in admitted), [c for c in admitted if not mask[c]][:5]
+        checked += len(admitted)
+        assert matcher.accept(t), matcher.error
+    assert checked > 0 and matcher.is_finished()
