@@ -171,12 +171,10 @@ STOP_WORDS = frozenset(
 )
 
 
-def email_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each e-mail address, as `finditer` of the classic pattern
-    `[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}` finds them, in one
-    pass: per "@", the local part is the run of local characters before it (not reaching
-    back into the previous address), the domain the dot-separated labels after it up to the
-    last label that starts with two letters (those letters are the top-level domain)."""
+def at_sign_spans(text: str, domain_end) -> list[tuple[int, int]]:
+    """(start, end) of each "local@domain", in one pass: per "@", the local part is the run
+    of local characters before it (not reaching back into the previous address), and
+    `domain_end(text, at)` says where the domain after it ends (None: no address there)."""
     spans: list[tuple[int, int]] = []
     pos = 0  # end of the previous address
     at = text.find("@")
@@ -184,19 +182,34 @@ def email_spans(text: str) -> list[tuple[int, int]]:
         start = at
         while start > pos and text[start - 1] in _LOCAL_CHARS:
             start -= 1
-        domain = _DOMAIN.match(text, at + 1) if start < at else None
-        if domain is not None and "." in domain.group(0):
-            label_starts = [at + 1]
-            for label in domain.group(0).split(".")[:-1]:
-                label_starts.append(label_starts[-1] + len(label) + 1)
-            for label_start in reversed(label_starts[1:]):
-                letters_end = _LEADING_LETTERS.match(text, label_start).end()
-                if letters_end - label_start >= 2:
-                    spans.append((start, letters_end))
-                    pos = letters_end
-                    break
+        end = domain_end(text, at) if start < at else None
+        if end is not None:
+            spans.append((start, end))
+            pos = end
         at = text.find("@", max(at + 1, pos))
     return spans
+
+
+def _tld_end(text: str, at: int) -> int | None:
+    """The domain after "@" up to the last label that starts with two letters (those
+    letters are the top-level domain), as the classic pattern's greedy match ends."""
+    domain = _DOMAIN.match(text, at + 1)
+    if domain is None or "." not in domain.group(0):
+        return None
+    label_starts = [at + 1]
+    for label in domain.group(0).split(".")[:-1]:
+        label_starts.append(label_starts[-1] + len(label) + 1)
+    for label_start in reversed(label_starts[1:]):
+        letters_end = _LEADING_LETTERS.match(text, label_start).end()
+        if letters_end - label_start >= 2:
+            return letters_end
+    return None
+
+
+def email_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each e-mail address, as `finditer` of the classic pattern
+    `[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}` finds them."""
+    return at_sign_spans(text, _tld_end)
 
 
 def email_candidates(text: str) -> list[str]:

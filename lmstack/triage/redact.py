@@ -35,7 +35,6 @@ megabyte of digits takes about 20 ms, of at-signs about 0.25 s); output is deter
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Iterable
 
 from lmstack.triage.grounding import (
@@ -44,6 +43,7 @@ from lmstack.triage.grounding import (
     ID_TOKEN,
     ORDER_CONTEXT,
     ORDER_PREFIX,
+    at_sign_spans,
 )
 
 EMAIL, CARD, CUSTOMER_ID, PHONE = "[EMAIL]", "[CARD]", "[CUSTOMER_ID]", "[PHONE]"
@@ -66,7 +66,6 @@ _PHONE_CUE = re.compile(
 )
 _NOT_BEFORE_PHONE = frozenset("-_/#.@")  # "ORD-2024-8891", "#12345678", "v1.2.3"
 _CURRENCY = frozenset("$€£¥₹")
-_LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")  # as grounding's
 _DOMAIN_LABELS = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")  # one way to match: linear
 _DOUBLED = str.maketrans("0123456789", "0246813579")
 _LETTER = re.compile(r"[^\W\d_]")
@@ -81,21 +80,14 @@ def luhn_valid(digits: str) -> bool:
 
 
 def address_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each "local@domain", top-level domain or not, in one pass: a superset
-    of grounding.email_spans (same local part, not reaching into the previous address)."""
-    spans: list[tuple[int, int]] = []
-    pos = 0  # end of the previous address
-    at = text.find("@")
-    while at >= 0:
-        start = at
-        while start > pos and text[start - 1] in _LOCAL_CHARS:
-            start -= 1
-        domain = _DOMAIN_LABELS.match(text, at + 1) if start < at else None
-        if domain is not None:
-            spans.append((start, domain.end()))
-            pos = domain.end()
-        at = text.find("@", max(at + 1, pos))
-    return spans
+    """(start, end) of each "local@domain", top-level domain or not: a superset of
+    grounding.email_spans (same local part, not reaching into the previous address)."""
+
+    def labels_end(text: str, at: int) -> int | None:
+        domain = _DOMAIN_LABELS.match(text, at + 1)
+        return None if domain is None else domain.end()
+
+    return at_sign_spans(text, labels_end)
 
 
 def card_spans(text: str) -> list[tuple[int, int]]:
