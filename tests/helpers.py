@@ -68,6 +68,18 @@ def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
     return condition()
 
 
+def stop_process(proc, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; reaped either way."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def serve_process(args: list[str], log, ready_timeout: float = 120):
     """`lmstack serve ARGS` in a child process on a free port, stderr to `log` (an open
     file); returns (process, url) once /ready answers 200. The caller stops the process."""

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import free_port, run_cli, wait_for
+from helpers import free_port, run_cli, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +82,7 @@ def llama_url(tmp_path_factory):
             assert wait_for(healthy, 120, 0.3), f"llama-server never healthy: {log_path}"
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=15)
 
 
 def test_the_generator_takes_llama_servers_model_and_slot_context(llama_url):

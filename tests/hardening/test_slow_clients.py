@@ -7,13 +7,12 @@ a bound, and every slow one is dropped: a head past --header-timeout is closed, 
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 
 import httpx
 import pytest
-from helpers import serve_process, wait_for
+from helpers import serve_process, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +33,7 @@ def server(tmp_path_factory):
     try:
         yield int(url.rsplit(":", 1)[1]), url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

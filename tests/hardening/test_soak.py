@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ import time
 import httpx
 import psutil
 import pytest
-from helpers import serve_process, wait_for
+from helpers import serve_process, stop_process, wait_for
 
 SOAK_S = float(os.environ.get("LMSTACK_SOAK_S", "120"))
 MAX_REQUESTS = 3000
@@ -212,11 +211,7 @@ def test_two_minute_soak_leaves_a_clean_server(tmp_path):
         assert final <= 1.10 * baseline, f"memory grew more than 10%: {figures}"
         assert max(health) < 1.0, f"/health stalled: {figures}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=60)
         log.seek(0)
         tail = log.read()[-3000:]
         log.close()
