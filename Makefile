@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check lmstack tests
 
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # The engine, model and kernel tests once more as on an AVX2-only CPU (lmstack.cpu:
 # LMSTACK_CPU_ISA=avx2 also limits torch and oneDNN). .ci/run adds it on AVX-512 machines.
