@@ -120,23 +120,50 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def make_pdf(pages: list[str]) -> bytes:
-    """A minimal, valid PDF with one line of Helvetica text per page (offsets computed)."""
+def make_pdf(pages: list[str | None]) -> bytes:
+    """A minimal, valid PDF with one line of Helvetica text per page (offsets computed); a
+    page given as None only paints an image, as a scan without a text layer does."""
+    return pdf_of_streams(
+        [None if text is None else f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET" for text in pages]
+    )
+
+
+def make_table_pdf(intro: str, rows: list[list[str]], column_width: int = 150) -> bytes:
+    """One page: a sentence, then a table whose cells are drawn one by one at their column's
+    x and their row's y, as report generators draw them."""
+    ops = [f"BT /F1 12 Tf 72 760 Td ({intro}) Tj ET"]
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            ops.append(f"BT /F1 11 Tf {72 + column_width * c} {720 - 20 * r} Td ({cell}) Tj ET")
+    return pdf_of_streams(["\n".join(ops)])
+
+
+def pdf_of_streams(streams: list[str | None]) -> bytes:
+    """A PDF whose pages draw these content streams (Helvetica as /F1); None: a page that
+    only paints a 1x1 grey image (/Im1)."""
+    image = "<< /Type /XObject /Subtype /Image /Width 1 /Height 1 /ColorSpace /DeviceGray "
+    image += "/BitsPerComponent 8 /Filter /ASCIIHexDecode /Length 3 >>\nstream\n80>\nendstream"
     objects = ["<< /Type /Catalog /Pages 2 0 R >>"]
-    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(len(pages)))
-    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>")
+    kids = " ".join(f"{5 + 2 * i} 0 R" for i in range(len(streams)))
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {len(streams)} >>")
     objects.append("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
-    for i, text in enumerate(pages):
-        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET"
+    objects.append(image)
+    for i, stream in enumerate(streams):
+        stream = "q 200 0 0 200 72 500 cm /Im1 Do Q" if stream is None else stream
         objects.append(
-            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-            f"/Resources << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>"
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font "
+            f"<< /F1 3 0 R >> /XObject << /Im1 4 0 R >> >> /Contents {6 + 2 * i} 0 R >>"
         )
         objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+    return pdf_of_objects([o.encode() for o in objects])
+
+
+def pdf_of_objects(objects: list[bytes]) -> bytes:
+    """A PDF file of these objects (numbered from 1, the first the catalog), with its xref."""
     out, offsets = b"%PDF-1.4\n", []
     for number, body in enumerate(objects, 1):
         offsets.append(len(out))
-        out += f"{number} 0 obj\n{body}\nendobj\n".encode()
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
     xref = len(out)
     out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
     out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
@@ -144,6 +171,43 @@ def make_pdf(pages: list[str]) -> bytes:
         f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     )
     return out
+
+
+def encrypt_pdf(data: bytes, user_password: str, owner_password: str, algorithm: str) -> bytes:
+    """`data` encrypted by pypdf (algorithm: RC4-40, RC4-128, AES-128 or AES-256)."""
+    import io
+
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    for page in PdfReader(io.BytesIO(data)).pages:
+        writer.add_page(page)
+    writer.encrypt(user_password=user_password, owner_password=owner_password, algorithm=algorithm)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def docx_with_body(body_xml: str | bytes) -> bytes:
+    """A DOCX (python-docx's default template) whose <w:body> holds `body_xml`: for
+    documents python-docx cannot write (a text box, a 100,000-cell table in seconds)."""
+    import io
+    import zipfile
+
+    import docx
+
+    template = io.BytesIO()
+    docx.Document().save(template)
+    body = body_xml.encode() if isinstance(body_xml, str) else body_xml
+    out = io.BytesIO()
+    with zipfile.ZipFile(template) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "word/document.xml":
+                head = data[: data.index(b"<w:body>") + len(b"<w:body>")]
+                data = head + body + b"</w:body></w:document>"
+            dst.writestr(item.filename, data)
+    return out.getvalue()
 
 
 @contextlib.contextmanager

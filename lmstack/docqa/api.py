@@ -1,7 +1,9 @@
 """Document Q&A over HTTP on `lmstack serve`: the library, uploads, search, cited answers.
 
     GET    /v1/docs            {"store", "documents": [...], "chunks", "tokens"}
-    POST   /v1/docs            multipart/form-data, one or more `files` -> the ingest report
+    POST   /v1/docs            multipart/form-data, one or more `files` (and `pdf_password`
+                               for PDFs that need one) -> the ingest report, its
+                               per-file `warnings` included
     DELETE /v1/docs/{doc_id}   {"deleted", "chunks"}
                                (both with `X-Requested-With: lmstack`: see server/admission.py)
     POST   /v1/docs/search     {query, top_k, mode} -> [Hit.as_json(), ...]
@@ -117,10 +119,11 @@ class DocsService:
             "tokens": sum(r.tokens for r in records),
         }
 
-    def ingest(self, files: list[tuple[str, BinaryIO]]) -> dict:
+    def ingest(self, files: list[tuple[str, BinaryIO]], pdf_password: str | None = None) -> dict:
         """Save the uploads under their own names in a temporary folder and ingest them.
 
         `files` are (name as sent, the spooled upload): copied in blocks, never read whole.
+        `pdf_password` goes to the PDF reader only.
         """
         from lmstack.docqa.ingest import Ingestor
         from lmstack.embed import Embedder
@@ -141,7 +144,7 @@ class DocsService:
                 paths.append(folder / name)
             with self.write_lock:
                 ingestor = Ingestor(self.store, Embedder.shared(), self.generator.tokenizer)
-                report = ingestor.ingest(paths)
+                report = ingestor.ingest(paths, pdf_password=pdf_password)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         # The temporary folder means nothing to the uploader: name the files as sent.
@@ -255,8 +258,10 @@ def docs_router(async_engine, store: str | None = None) -> APIRouter:
             if not uploads:
                 raise APIError(400, "the upload holds no files: send them as 'files' fields")
             files = [(u.filename or "", u.file) for u in uploads]
+            password = form.get("pdf_password")
+            password = password if isinstance(password, str) and password else None
             # Parsing, chunking, embedding and the store's writes: all in a worker thread.
-            return await run_in_threadpool(service.ingest, files)
+            return await run_in_threadpool(service.ingest, files, password)
         finally:
             await form.close()
 

@@ -65,9 +65,17 @@ def add_command(
     chunk_tokens: int = typer.Option(500, "--chunk-tokens", help="Largest chunk, in tokens"),
     overlap: int = typer.Option(50, "--overlap", help="Tokens repeated between chunks"),
     model: str | None = typer.Option(None, "--model", help="Model whose tokenizer counts"),
+    pdf_password: str | None = typer.Option(
+        None,
+        "--pdf-password",
+        envvar="LMSTACK_PDF_PASSWORD",
+        show_default=False,
+        help="Password for PDFs that need one to open; never stored (the env var keeps it out "
+        "of the shell history)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
-    """Add or update documents: PDF, Markdown, HTML, text, JSONL corpora."""
+    """Add or update documents: PDF, DOCX, Markdown, HTML, text, JSONL corpora."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lmstack.docqa.ingest import Ingestor
@@ -89,7 +97,9 @@ def add_command(
             else:
                 bar.advance(chunks, n)
 
-        report = ingestor.ingest(paths, text_field, id_field, title_field, progress)
+        report = ingestor.ingest(
+            paths, text_field, id_field, title_field, progress, pdf_password=pdf_password
+        )
     if as_json:
         typer.echo(json.dumps(report.as_json(), indent=2))
     else:
@@ -101,6 +111,8 @@ def add_command(
         )
         for path, line in report.skipped_lines:
             console.print(f"[yellow]skipped[/] {path} line {line}")
+    for _, warning in report.warnings:  # each names its file
+        typer.echo(f"warning: {warning}", err=True)
     for path, reason in report.failed:
         typer.echo(f"error: {reason}" if path in reason else f"error: {path}: {reason}", err=True)
     if report.failed:

@@ -4,7 +4,8 @@ Unchanged documents (same doc_id, same content hash, every live chunk present) a
 without embedding; changed ones, and ones whose chunks are missing or short (a crash, a lost
 write), replace their chunks atomically (see store.py). Ids too long for the store are
 shortened with a hash of the whole id (records.storable_id), so they still match next time.
-A file that cannot be read is reported and the rest of the batch is still ingested. Chunks of
+A file that cannot be read is reported and the rest of the batch is still ingested; what a
+readable file lacks (a PDF page with no text layer) is reported as a warning. Chunks of
 several small documents are embedded together so a JSONL corpus of short records still runs
 in full batches.
 """
@@ -32,6 +33,7 @@ class IngestReport:
     unchanged: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     skipped_lines: list[tuple[str, str]] = field(default_factory=list)  # (path, "N (why)")
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, message)
     chunks: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -47,6 +49,7 @@ class IngestReport:
             "unchanged": self.unchanged,
             "failed": [{"path": p, "error": e} for p, e in self.failed],
             "skipped_lines": [{"path": p, "line": e} for p, e in self.skipped_lines],
+            "warnings": [{"path": p, "warning": w} for p, w in self.warnings],
             "documents": self.documents,
             "chunks": self.chunks,
             "tokens": self.tokens,
@@ -83,8 +86,12 @@ class Ingestor:
         id_field: str = "id",
         title_field: str | None = None,
         progress=None,
+        pdf_password: str | None = None,
     ) -> IngestReport:
-        """Add or update everything under `paths`; `progress(kind, n)` reports work done."""
+        """Add or update everything under `paths`; `progress(kind, n)` reports work done.
+
+        `pdf_password` opens encrypted PDFs that the empty password does not; it is passed
+        to the reader only, never stored or reported."""
         start = time.perf_counter()
         report = IngestReport()
         counts = self.store.chunk_counts()
@@ -104,7 +111,11 @@ class Ingestor:
         for path in files:
             try:
                 docs = read_path(
-                    path, text_field=text_field, id_field=id_field, title_field=title_field
+                    path,
+                    pdf_password,
+                    text_field=text_field,
+                    id_field=id_field,
+                    title_field=title_field,
                 )
             except InputError as exc:
                 report.failed.append((str(path), str(exc)))
@@ -114,6 +125,7 @@ class Ingestor:
             for doc in docs:
                 doc.doc_id = storable_id(doc.doc_id)
                 report.skipped_lines += [(str(path), line) for line in doc.skipped_lines]
+                report.warnings += [(str(path), warning) for warning in doc.warnings]
                 if doc.doc_id in seen:
                     report.failed.append(
                         (str(path), f"doc_id {doc.doc_id!r} also comes from {seen[doc.doc_id]}")
