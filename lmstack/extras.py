@@ -27,6 +27,8 @@ EXTRAS: dict[str, dict[str, str]] = {
         "pymilvus": "pymilvus",
         "milvus_lite": "milvus-lite",
         "pypdf": "pypdf",
+        "cryptography": "cryptography",  # pypdf's AES decryption
+        "docx": "python-docx",
         "python_multipart": "python-multipart",
         **EMBEDDER,
     },

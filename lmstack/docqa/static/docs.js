@@ -41,6 +41,7 @@ function describe(report) {
     `${fmt(report.tokens)} tokens in ${report.seconds} s`];
   for (const f of report.failed) parts.push(`error: ${f.error}`);
   for (const s of report.skipped_lines) parts.push(`skipped ${s.path} line ${s.line}`);
+  for (const w of report.warnings || []) parts.push(`warning: ${w.warning}`);
   return parts.join("\n");
 }
 
