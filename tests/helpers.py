@@ -68,6 +68,19 @@ def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
     return condition()
 
 
+def within(limit_s: float, fn, *args):
+    """fn(*args), asserting it took under limit_s seconds (best of two: a busy machine may
+    stall one run; a super-linear function misses by minutes on a megabyte, not by a hair)."""
+    for _attempt in range(2):
+        start = time.perf_counter()
+        result = fn(*args)
+        took = time.perf_counter() - start
+        if took < limit_s:
+            return result
+    size = f"{len(args[0]):,} characters" if args and isinstance(args[0], str) else repr(args[0])
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} took {took:.2f} s on {size}")
+
+
 def stop_process(proc, timeout: float = 30) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; reaped either way."""
     import subprocess

@@ -35,9 +35,6 @@ from lmstack.errors import ContextLengthError, InputError
 from lmstack.model.llama import shared_model
 
 DEFAULT_KV_TOKENS = 16384
-# Greedy rows under a grammar check their argmax before computing a mask (_sample_rows);
-# False computes every mask first (the reference the tests compare against).
-GREEDY_GRAMMAR_FIRST = True
 
 
 class LLMEngine:
@@ -80,6 +77,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_generation_tokens = 0
         self.num_prompt_tokens = 0
+        # Greedy rows under a grammar check their argmax before computing a mask
+        # (_sample_rows); False computes every mask first, the reference for the tests.
+        self.greedy_grammar_first = True
         self.num_grammar_rows = 0  # rows sampled under a grammar
         self.num_grammar_masks = 0  # of those, rows whose full mask was computed
         self._aborted: list[Sequence] = []
@@ -286,7 +286,7 @@ class LLMEngine:
         # same idea as llama.cpp's sampler; sampled rows keep the mask first, so a seeded
         # draw never changes.
         lazy = [
-            m is not None and GREEDY_GRAMMAR_FIRST and s.params.temperature < GREEDY_BELOW
+            m is not None and self.greedy_grammar_first and s.params.temperature < GREEDY_BELOW
             for s, m in zip(seqs, matchers)
         ]
         eager = [None if lz else m for m, lz in zip(matchers, lazy)]

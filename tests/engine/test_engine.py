@@ -367,9 +367,7 @@ TEXT_OR_CALL = (  # free text that never writes "<call>", or text then one call
 )
 
 
-def test_greedy_rows_under_a_grammar_skip_masks_without_changing_a_token(engine, monkeypatch):
-    from lmstack.engine import llm_engine
-
+def test_greedy_rows_under_a_grammar_skip_masks_without_changing_a_token(engine):
     constraints = [
         StructuredOutput(json_schema=strict(SCHEMAS[0])),
         StructuredOutput(regex=r"(yes|no), because [a-z ]{1,40}\."),
@@ -386,9 +384,12 @@ def test_greedy_rows_under_a_grammar_skip_masks_without_changing_a_token(engine,
     requests.append((prompt, sampled, {}))
 
     def outputs(greedy_first: bool) -> tuple[list, int, int]:
-        monkeypatch.setattr(llm_engine, "GREEDY_GRAMMAR_FIRST", greedy_first)
+        engine.greedy_grammar_first = greedy_first
         rows, masks = engine.num_grammar_rows, engine.num_grammar_masks
-        outs = run(engine, requests)
+        try:
+            outs = run(engine, requests)
+        finally:
+            engine.greedy_grammar_first = True
         tokens = [(o.token_ids, o.finish_reason, o.error) for o in outs.values()]
         return tokens, engine.num_grammar_rows - rows, engine.num_grammar_masks - masks
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
+from helpers import within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,15 +52,7 @@ OLD_PLACEHOLDER = re.compile(r"\{\{[^}]*\}\}")
 
 
 def fast(fn, *args):
-    """fn(*args), asserting it took under LIMIT_S (best of two: a busy CI machine may stall
-    one run; a super-linear function misses by minutes, not by a hair)."""
-    for _attempt in range(2):
-        start = time.perf_counter()
-        result = fn(*args)
-        took = time.perf_counter() - start
-        if took < LIMIT_S:
-            return result
-    raise AssertionError(f"{fn.__name__} took {took:.2f} s on {len(args[0]):,} characters")
+    return within(LIMIT_S, fn, *args)
 
 
 @pytest.fixture(scope="module")

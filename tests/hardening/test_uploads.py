@@ -35,7 +35,7 @@ from helpers import (
 )
 
 from lmstack.config import data_dir
-from lmstack.docqa import documents
+from lmstack.docqa import pdf
 from lmstack.docqa.documents import read_path
 from lmstack.errors import InputError
 from lmstack.serve import build_app
@@ -352,8 +352,8 @@ def test_tables_at_the_limit_are_read(tmp_path: Path):
 
 def test_a_pdf_built_to_stall_its_reader_is_stopped_at_the_deadline(tmp_path, monkeypatch):
     # The deadline is 30 s + 10 s per MB; 2 s here, so the test does not wait 30.
-    monkeypatch.setattr(documents, "PDF_SECONDS_BASE", 2.0)
-    monkeypatch.setattr(documents, "PDF_SECONDS_PER_MB", 0.0)
+    monkeypatch.setattr(pdf, "PDF_SECONDS_BASE", 2.0)
+    monkeypatch.setattr(pdf, "PDF_SECONDS_PER_MB", 0.0)
     path = tmp_path / "stall.pdf"
     path.write_bytes(stalling_pdf())
     assert path.stat().st_size < 3000

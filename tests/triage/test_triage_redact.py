@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,18 +128,6 @@ def test_every_address_grounding_finds_is_redacted(text):
         assert any(s <= start and end <= e for s, e in covered), (text, start, end)
 
 
-def fast(fn, *args, limit_s: float):
-    """fn(*args) within limit_s (best of two: a loaded machine may stall one run; a
-    backtracking pattern misses by minutes on a megabyte, not by a hair)."""
-    for _attempt in range(2):
-        start = time.perf_counter()
-        result = fn(*args)
-        took = time.perf_counter() - start
-        if took < limit_s:
-            return result
-    raise AssertionError(f"{fn.__name__} took {took:.2f} s on {len(args[0])} chars")
-
-
 MB = 1_000_000
 
 
@@ -172,7 +159,7 @@ MB = 1_000_000
     ],
 )
 def test_a_megabyte_of_hostile_input_is_linear(text, limit_s, tag, count):
-    out = fast(redact, text, limit_s=limit_s)
+    out = within(limit_s, redact, text)
     if tag is None:
         assert out == text
     else:
