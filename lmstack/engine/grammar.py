@@ -6,7 +6,7 @@ up front, so a bad schema is the user's InputError, not a failed request mid-str
 hands out one `GrammarMatcher` per request. Each decode step the engine asks
 `allowed_mask` for a bool [B, V] mask that the sampler applies, then feeds the chosen token
 back through `GrammarMatcher.accept`. Greedy rows skip the mask while the model's own
-choice is one the grammar takes (`GrammarMatcher.allows`; see LLMEngine._sample_rows).
+choice is one the grammar takes (`GrammarMatcher.allows`; see `sample_constrained`).
 """
 
 from __future__ import annotations
@@ -255,3 +255,36 @@ def allowed_mask(matchers: list[GrammarMatcher | None], vocab_size: int) -> torc
     # Logits columns beyond the grammar's vocabulary are no tokens it could ever accept.
     mask[index, bits.shape[1] :] = False
     return mask
+
+
+def sample_constrained(sampler, logits: torch.Tensor, seqs: list, greedy_first: bool = True):
+    """One token per row under each row's grammar (seq.matcher; None: free), as
+    `sampler(logits, seqs, allowed_mask(...))` would choose it; returns (results, rows under
+    a grammar, rows whose mask was computed).
+
+    With `greedy_first`, a greedy row under a grammar takes its argmax unmasked first: when
+    the grammar takes that token (a check of one token, microseconds), it is exactly the
+    masked argmax too, and the mask (a pass over the whole vocabulary: ~0.9 ms per row for
+    tools' "text or a call" grammar) is computed only for the rows it rejects. The same idea
+    as llama.cpp's sampler; sampled rows keep the mask first, so a seeded draw never changes.
+    """
+    from lmstack.engine.sampler import GREEDY_BELOW
+
+    matchers = [s.matcher for s in seqs]
+    lazy = [
+        m is not None and greedy_first and s.params.temperature < GREEDY_BELOW
+        for s, m in zip(seqs, matchers)
+    ]
+    eager = [None if lz else m for m, lz in zip(matchers, lazy)]
+    results = sampler(logits, seqs, allowed_mask(eager, logits.shape[1]))
+    rejected = [i for i, r in enumerate(results) if lazy[i] and not matchers[i].allows(r.token_id)]
+    if rejected:
+        redo = sampler(
+            logits[rejected],
+            [seqs[i] for i in rejected],
+            allowed_mask([matchers[i] for i in rejected], logits.shape[1]),
+        )
+        for i, result in zip(rejected, redo):
+            results[i] = result
+    rows = sum(m is not None for m in matchers)
+    return results, rows, sum(m is not None for m in eager) + len(rejected)

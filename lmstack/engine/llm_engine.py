@@ -27,7 +27,7 @@ from lmstack.engine.config import EngineConfig
 from lmstack.engine.kv_cache import BlockManager
 from lmstack.engine.model_runner import ModelRunner
 from lmstack.engine.outputs import RequestOutput, TokenLogprob
-from lmstack.engine.sampler import GREEDY_BELOW, Sampler
+from lmstack.engine.sampler import Sampler
 from lmstack.engine.sampling_params import SamplingParams
 from lmstack.engine.scheduler import Scheduler, SchedulerConfig
 from lmstack.engine.sequence import FinishReason, Sequence
@@ -78,7 +78,7 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.num_prompt_tokens = 0
         # Greedy rows under a grammar check their argmax before computing a mask
-        # (_sample_rows); False computes every mask first, the reference for the tests.
+        # (grammar.sample_constrained); False computes every mask first (the tests' reference).
         self.greedy_grammar_first = True
         self.num_grammar_rows = 0  # rows sampled under a grammar
         self.num_grammar_masks = 0  # of those, rows whose full mask was computed
@@ -274,36 +274,15 @@ class LLMEngine:
         return seqs
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
-        matchers = [s.matcher for s in seqs]
-        if all(m is None for m in matchers):
+        if all(s.matcher is None for s in seqs):
             return self.sampler(logits, seqs, None)
-        from lmstack.engine.grammar import allowed_mask
+        from lmstack.engine.grammar import sample_constrained
 
-        # A greedy row under a grammar takes its argmax unmasked first: when the grammar
-        # takes that token (a check of one token, microseconds), it is exactly the masked
-        # argmax too, and the mask (a pass over the whole vocabulary: ~0.9 ms per row for
-        # tools' "text or a call" grammar) is only computed for the rows it rejects. The
-        # same idea as llama.cpp's sampler; sampled rows keep the mask first, so a seeded
-        # draw never changes.
-        lazy = [
-            m is not None and self.greedy_grammar_first and s.params.temperature < GREEDY_BELOW
-            for s, m in zip(seqs, matchers)
-        ]
-        eager = [None if lz else m for m, lz in zip(matchers, lazy)]
-        results = self.sampler(logits, seqs, allowed_mask(eager, logits.shape[1]))
-        rejected = [
-            i for i, r in enumerate(results) if lazy[i] and not matchers[i].allows(r.token_id)
-        ]
-        self.num_grammar_rows += sum(m is not None for m in matchers)
-        self.num_grammar_masks += sum(m is not None for m in eager) + len(rejected)
-        if rejected:
-            redo = self.sampler(
-                logits[rejected],
-                [seqs[i] for i in rejected],
-                allowed_mask([matchers[i] for i in rejected], logits.shape[1]),
-            )
-            for i, result in zip(rejected, redo):
-                results[i] = result
+        results, rows, masks = sample_constrained(
+            self.sampler, logits, seqs, self.greedy_grammar_first
+        )
+        self.num_grammar_rows += rows
+        self.num_grammar_masks += masks
         return results
 
     def _append(self, seq: Sequence, result, now: float) -> None:
